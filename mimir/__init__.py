@@ -1,0 +1,1 @@
+"""Mimir: CogVideoX text-to-video conditioned on T5 + a decoder-only LLM through a token fuser."""

@@ -1,0 +1,199 @@
+"""MimirPipeline: prompt -> T5 + LLM -> token fuser -> CogVideoX DiT + scheduler (CFG) -> VAE -> frames.
+
+The denoising loop mirrors diffusers' `CogVideoXPipeline` step for step, so with a fresh fuser and no
+stabilizer tokens both give the same latents (tests/test_pipeline_parity.py). Latents are in diffusers'
+order [B, T, C, H, W] and in diffusion space (VAE latents times the VAE scaling factor).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from diffusers import CogVideoXDPMScheduler
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+from diffusers.utils.torch_utils import randn_tensor
+
+from .offload import Placement, module_dtype
+from .text import LLMTextEncoder, TextFeatures, encode_t5
+
+# (step index, number of steps, latents) -> None; may raise to interrupt
+StepCallback = Callable[[int, int, torch.Tensor], None]
+VAE_TEMPORAL, VAE_SPATIAL = 4, 8
+
+
+def check_video_size(num_frames: int, height: int, width: int) -> None:
+    """CogVideoX's VAE compresses 4 frames and 8x8 pixels, and the DiT patches 2x2 latents."""
+    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL:
+        raise ValueError(f"frames must be 4k+1 (1, 5, 9, ..., 49), got {num_frames}")
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % 16:
+            raise ValueError(f"{name} must be a positive multiple of 16, got {size}")
+
+
+class MimirPipeline:
+    def __init__(self, transformer, vae, scheduler, tokenizer=None, text_encoder=None, llm=None, llm_tokenizer=None,
+                 fuser=None, placement: Placement | None = None):
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.llm, self.llm_tokenizer, self.fuser = llm, llm_tokenizer, fuser
+        self.placement = placement or Placement()
+        self._llm_encoder = None
+
+    # ---- text ------------------------------------------------------------------------------------------
+    @property
+    def text_len(self) -> int:
+        return self.fuser.config.text_len if self.fuser is not None else 226
+
+    def llm_encoder(self) -> LLMTextEncoder:
+        if self.llm is None:
+            raise ValueError("this pipeline has no LLM (it was released or never loaded): pass encoded prompts instead")
+        if self._llm_encoder is None:
+            self._llm_encoder = LLMTextEncoder(self.llm, self.llm_tokenizer, self.fuser.config)
+        return self._llm_encoder
+
+    @torch.no_grad()
+    def encode_features(self, prompts: list[str], seed: int | None = None, callback=None) -> TextFeatures | torch.Tensor:
+        """Frozen-encoder features; T5 alone (a tensor) when there is no fuser (plain CogVideoX)."""
+        with self.placement.stage(self.text_encoder) as device:
+            t5 = encode_t5(self.tokenizer, self.text_encoder, prompts, max_length=self.text_len, device=device)
+        if self.fuser is None:
+            return t5
+        with self.placement.stage(self.llm) as device:
+            llm, mask, instructions = self.llm_encoder()(prompts, seed=seed, callback=callback)
+        return TextFeatures(t5, llm, mask, instructions)
+
+    @torch.no_grad()
+    def fuse(self, features: TextFeatures | torch.Tensor) -> torch.Tensor:
+        """Features -> the DiT's text stream [B, n (+K), D], in the transformer's dtype."""
+        dtype = module_dtype(self.transformer)
+        if isinstance(features, torch.Tensor):
+            return features.to(dtype)
+        with self.placement.stage(self.fuser) as device:
+            fused = self.fuser(*_fuser_args(features.to(device)))
+        return fused.to(dtype)
+
+    def encode_prompt(self, prompt, negative_prompt="", seed: int | None = None, callback=None):
+        """-> (cond, uncond) text streams; the negative prompt goes through the whole fuser too."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        fused = self.fuse(self.encode_features(negatives + prompts, seed=seed, callback=callback))
+        return fused[len(negatives):], fused[:len(negatives)]
+
+    def release_llm(self) -> None:
+        """Drop the LLM once prompts are encoded; it is the largest text model."""
+        self.llm = self._llm_encoder = None
+
+    # ---- denoising -------------------------------------------------------------------------------------
+    def _rotary(self, height: int, width: int, latent_frames: int, device):
+        cfg = self.transformer.config
+        if not cfg.use_rotary_positional_embeddings:
+            return None
+        grid_h, grid_w = height // (VAE_SPATIAL * cfg.patch_size), width // (VAE_SPATIAL * cfg.patch_size)
+        base_w, base_h = cfg.sample_width // cfg.patch_size, cfg.sample_height // cfg.patch_size
+        if cfg.patch_size_t is None:
+            crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+            return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops,
+                                           grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
+        frames = (latent_frames + cfg.patch_size_t - 1) // cfg.patch_size_t
+        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
+                                       temporal_size=frames, grid_type="slice", max_size=(base_h, base_w), device=device)
+
+    def _timesteps(self, steps: int, strength: float, device):
+        self.scheduler.set_timesteps(steps, device=device)
+        timesteps = self.scheduler.timesteps
+        start = steps - min(int(round(steps * strength)), steps)
+        return timesteps[start * self.scheduler.order:]
+
+    @torch.no_grad()
+    def denoise(self, cond: torch.Tensor, uncond: torch.Tensor | None, num_frames: int = 49, height: int = 480,
+                width: int = 720, steps: int = 50, guidance: float = 6.0, seed: int = 0, dynamic_cfg: bool = False,
+                latents: torch.Tensor | None = None, strength: float = 1.0,
+                callback: StepCallback | None = None) -> torch.Tensor:
+        """Text streams -> latents [B, T, C, H/8, W/8]. `latents` (diffusion space) with `strength` < 1
+        starts part-way from a noised version of them instead of pure noise."""
+        check_video_size(num_frames, height, width)
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"denoise strength must be in (0, 1], got {strength}")
+        cfg = self.transformer.config
+        use_cfg = guidance > 1.0 and uncond is not None
+        with self.placement.stage(self.transformer) as device:
+            dtype = module_dtype(self.transformer)
+            text = torch.cat([uncond, cond]) if use_cfg else cond
+            text = text.to(device=device, dtype=dtype)
+            timesteps = self._timesteps(steps, strength if latents is not None else 1.0, device)
+            latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
+            extra = 0 if cfg.patch_size_t is None else (-latent_frames) % cfg.patch_size_t  # 1.5: pad to patch_size_t
+            shape = (cond.shape[0], latent_frames + extra, cfg.in_channels, height // VAE_SPATIAL, width // VAE_SPATIAL)
+            generator = torch.Generator("cpu").manual_seed(seed)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            if latents is None:
+                x = noise * self.scheduler.init_noise_sigma
+            else:
+                x = self._noised_input(latents, noise, timesteps[:1], extra, device, dtype)
+            rotary = self._rotary(height, width, x.shape[1], device)
+            x = self._loop(x, text, timesteps, guidance if use_cfg else None, dynamic_cfg, steps, rotary, generator,
+                           callback)
+        return x[:, extra:]
+
+    def _noised_input(self, latents, noise, first_t, extra, device, dtype):
+        if list(latents.shape[:1]) + list(latents.shape[2:]) != [noise.shape[0]] + list(noise.shape[2:]) or \
+                latents.shape[1] + extra != noise.shape[1]:
+            raise ValueError(f"input latents {list(latents.shape)} do not match the requested video "
+                             f"(latents of shape {[noise.shape[0], noise.shape[1] - extra] + list(noise.shape[2:])})")
+        latents = latents.to(device=device, dtype=dtype)
+        if extra:
+            latents = torch.cat([latents[:, :extra], latents], dim=1)
+        return self.scheduler.add_noise(latents, noise, first_t.expand(latents.shape[0])).to(dtype)
+
+    def _loop(self, x, text, timesteps, guidance, dynamic_cfg, steps, rotary, generator, callback):
+        dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
+        old_pred = None
+        for i, t in enumerate(timesteps):
+            model_in = torch.cat([x] * 2) if guidance is not None else x
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            pred = self.transformer(hidden_states=model_in, encoder_hidden_states=text, timestep=t.expand(model_in.shape[0]),
+                                    image_rotary_emb=rotary, return_dict=False)[0].float()
+            if guidance is not None:
+                scale = guidance
+                if dynamic_cfg:
+                    scale = 1 + guidance * ((1 - math.cos(math.pi * ((steps - t.item()) / steps) ** 5.0)) / 2)
+                uncond_pred, cond_pred = pred.chunk(2)
+                pred = uncond_pred + scale * (cond_pred - uncond_pred)
+            if dpm:
+                prev_t = timesteps[i - 1] if i > 0 else None
+                x_next, old_pred = self.scheduler.step(pred, old_pred, t, prev_t, x, eta=0.0, generator=generator,
+                                                       return_dict=False)
+            else:
+                x_next = self.scheduler.step(pred, t, x, eta=0.0, generator=generator, return_dict=False)[0]
+            x = x_next.to(text.dtype)
+            if callback is not None:
+                callback(i + 1, len(timesteps), x)
+        return x
+
+    # ---- decoding --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tiling: bool = False, slicing: bool = False) -> torch.Tensor:
+        """Latents [B, T, C, h, w] (diffusion space) -> frames [B, F, H, W, 3] in 0..1 (float32, CPU)."""
+        self.vae.enable_tiling() if tiling else self.vae.disable_tiling()
+        self.vae.enable_slicing() if slicing else self.vae.disable_slicing()
+        with self.placement.stage(self.vae) as device:
+            z = latents.permute(0, 2, 1, 3, 4).to(device=device, dtype=module_dtype(self.vae))
+            video = self.vae.decode(z / self.vae.config.scaling_factor).sample
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu()
+
+    def __call__(self, prompt, negative_prompt: str = "", num_frames: int = 49, height: int = 480, width: int = 720,
+                 steps: int = 50, guidance: float = 6.0, seed: int = 0, dynamic_cfg: bool = False,
+                 callback: StepCallback | None = None, tiling: bool = False, slicing: bool = False,
+                 output_type: str = "frames") -> torch.Tensor:
+        check_video_size(num_frames, height, width)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt if guidance > 1.0 else "", seed=seed)
+        latents = self.denoise(cond, uncond if guidance > 1.0 else None, num_frames, height, width, steps, guidance,
+                               seed, dynamic_cfg, callback=callback)
+        return latents if output_type == "latent" else self.decode(latents, tiling=tiling, slicing=slicing)
+
+
+def _fuser_args(features: TextFeatures):
+    return features.t5, features.llm, features.llm_mask, features.instructions

@@ -1,0 +1,119 @@
+"""Tiny models built from configs, for tests, benchmarks and the smoke run.
+
+Every component has the real architecture (diffusers' CogVideoX transformer and VAE, transformers' T5 and
+causal LMs) at toy sizes, with word-level tokenizers built offline. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from .fuser import FuserConfig, TokenFuser
+
+BASE_WORDS = (
+    "a an the one two three red green blue yellow orange purple white black circle square triangle ball box "
+    "moves moving slides sliding to left right up down spins in of and on with is video describe detailed "
+    "motion color colour spatial relationships positions number objects object"
+).split()
+
+# Phi-3 style chat markup; special tokens are matched before word splitting.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+LLM_SPECIALS = ["<pad>", "<s>", "<|end|>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+
+def word_tokenizer(words=BASE_WORDS, kind: str = "t5") -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer. kind="t5" appends </s> like T5; kind="llm" has a chat template."""
+    specials = ["<pad>", "</s>", "<unk>"] if kind == "t5" else LLM_SPECIALS
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for word in words:
+        vocab.setdefault(word.lower(), len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    if kind == "t5":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>", unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_t5(tokenizer, d_model: int = 32, seed: int = 0) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_llm(tokenizer, arch: str = "phi3", hidden_size: int = 48, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    if arch == "phi3":
+        return Phi3ForCausalLM(Phi3Config(**common)).eval()
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    raise ValueError(f"tiny_llm: arch must be 'phi3' or 'llama', got {arch!r}")
+
+
+def tiny_transformer(variant: str = "2b", text_dim: int = 32, text_len: int = 16, in_channels: int = 4,
+                     seed: int = 0) -> CogVideoXTransformer3DModel:
+    """variant "2b": sin-cos positions; "5b": rotary; "1.5": rotary with temporal patch 2."""
+    torch.manual_seed(seed)
+    rotary = variant in ("5b", "1.5")
+    config = dict(num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=in_channels,
+                  time_embed_dim=8, text_embed_dim=text_dim, num_layers=2, sample_width=4, sample_height=4,
+                  sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=text_len,
+                  use_rotary_positional_embeddings=rotary, use_learned_positional_embeddings=False)
+    if variant == "1.5":
+        config.update(patch_size_t=2, sample_frames=17)
+    return CogVideoXTransformer3DModel(**config).eval()
+
+
+def tiny_vae(latent_channels: int = 4, seed: int = 0) -> AutoencoderKLCogVideoX:
+    torch.manual_seed(seed)
+    return AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+        sample_height=32, sample_width=32,
+    ).eval()
+
+
+def real_scheduler(kind: str = "ddim", snr_shift_scale: float = 3.0):
+    """A scheduler with the settings of the published CogVideoX checkpoints (the class defaults differ)."""
+    cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[kind]
+    return cls(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+               clip_sample=False, snr_shift_scale=snr_shift_scale, beta_schedule="scaled_linear",
+               beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True)
+
+
+def tiny_components(variant: str = "2b", llm_arch: str = "phi3", stabilizer_tokens: int = 4, text_len: int = 16,
+                    scheduler: str = "ddim", seed: int = 0) -> dict:
+    """Everything MimirPipeline needs, tiny. `text_len` is the T5 length n (226 in real models)."""
+    t5_tok, llm_tok = word_tokenizer(kind="t5"), word_tokenizer(kind="llm")
+    text_encoder = tiny_t5(t5_tok, seed=seed)
+    llm = tiny_llm(llm_tok, arch=llm_arch, seed=seed + 1)
+    instructions = FuserConfig().instructions[:stabilizer_tokens]
+    fuser_config = FuserConfig(t5_dim=32, llm_dim=llm.config.hidden_size, text_len=text_len,
+                               stabilizer_tokens=stabilizer_tokens, instructions=instructions, answer_tokens=4)
+    torch.manual_seed(seed + 2)
+    return dict(
+        tokenizer=t5_tok, text_encoder=text_encoder, llm_tokenizer=llm_tok, llm=llm,
+        fuser=TokenFuser(fuser_config).eval(),
+        transformer=tiny_transformer(variant, text_len=text_len + stabilizer_tokens, seed=seed + 3),
+        vae=tiny_vae(seed=seed + 4), scheduler=real_scheduler(scheduler),
+    )
