@@ -1,0 +1,138 @@
+import pytest
+import torch
+from diffusers import CogVideoXPipeline
+
+from mimir.offload import Placement
+from mimir.pipeline import MimirPipeline, check_video_size
+from mimir.testing import tiny_components
+
+PROMPT = "a red circle moves to the left"
+
+
+def reference_latents(c, num_frames, steps=3, guidance=6.0, seed=0, dynamic_cfg=False):
+    ref = CogVideoXPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], vae=c["vae"],
+                            transformer=c["transformer"], scheduler=c["scheduler"])
+    ref.set_progress_bar_config(disable=True)
+    out = ref(PROMPT, negative_prompt="", num_frames=num_frames, height=32, width=32, num_inference_steps=steps,
+              guidance_scale=guidance, use_dynamic_cfg=dynamic_cfg, generator=torch.Generator().manual_seed(seed),
+              max_sequence_length=16, output_type="latent").frames
+    return out
+
+
+@pytest.mark.parametrize("variant,scheduler", [("2b", "ddim"), ("2b", "dpm"), ("5b", "ddim"), ("5b", "dpm"),
+                                               ("1.5", "ddim")])
+def test_parity_with_diffusers_cogvideox(variant, scheduler):
+    """The correctness anchor: no stabilizer tokens + a fresh fuser == plain CogVideoX, latent for latent."""
+    c = tiny_components(variant=variant, stabilizer_tokens=0, scheduler=scheduler)
+    frames = 17 if variant == "1.5" else 9
+    expected = reference_latents(c, frames)
+    ours = MimirPipeline(**c)(PROMPT, num_frames=frames, height=32, width=32, steps=3, guidance=6.0, seed=0,
+                              output_type="latent")
+    expected = expected[:, expected.shape[1] - ours.shape[1]:]  # diffusers keeps 1.5's padding frame in latents
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max() <= 1e-5
+
+
+def test_parity_with_dynamic_cfg():
+    c = tiny_components(variant="5b", stabilizer_tokens=0)
+    expected = reference_latents(c, 9, steps=4, dynamic_cfg=True)
+    ours = MimirPipeline(**c)(PROMPT, num_frames=9, height=32, width=32, steps=4, seed=0, dynamic_cfg=True,
+                              output_type="latent")
+    assert (ours - expected).abs().max() <= 1e-5
+
+
+def test_stabilizer_tokens_reach_the_dit_and_change_the_result():
+    c = tiny_components(variant="5b", stabilizer_tokens=4)
+    pipe = MimirPipeline(**c)
+    cond, uncond = pipe.encode_prompt(PROMPT)
+    assert cond.shape == (1, 20, 32) and uncond.shape == (1, 20, 32)
+    plain = tiny_components(variant="5b", stabilizer_tokens=0)
+    a = pipe(PROMPT, num_frames=9, height=32, width=32, steps=2, output_type="latent")
+    b = MimirPipeline(**plain)(PROMPT, num_frames=9, height=32, width=32, steps=2, output_type="latent")
+    assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+def test_negative_prompt_goes_through_the_whole_fuser():
+    c = tiny_components(variant="5b")
+    pipe = MimirPipeline(**c)
+    with torch.no_grad():
+        c["fuser"].z_beta.weight.normal_()  # a trained LLM branch
+    cond, uncond = pipe.encode_prompt(PROMPT, negative_prompt="blue")
+    feats = pipe.encode_features(["blue"])
+    assert torch.equal(uncond, pipe.fuse(feats))
+    assert not torch.equal(uncond[:, :16], feats.t5)  # the LLM branch contributed to the negative stream
+
+
+def test_seed_and_callback_interrupt():
+    pipe = MimirPipeline(**tiny_components(variant="5b"))
+    seen = []
+    a = pipe(PROMPT, num_frames=9, height=32, width=32, steps=3, seed=1, output_type="latent",
+             callback=lambda i, n, x: seen.append((i, n, tuple(x.shape))))
+    assert seen == [(1, 3, (1, 3, 4, 4, 4)), (2, 3, (1, 3, 4, 4, 4)), (3, 3, (1, 3, 4, 4, 4))]
+    b = pipe(PROMPT, num_frames=9, height=32, width=32, steps=3, seed=1, output_type="latent")
+    c = pipe(PROMPT, num_frames=9, height=32, width=32, steps=3, seed=2, output_type="latent")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(i, n, x):
+        if i == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe(PROMPT, num_frames=9, height=32, width=32, steps=3, callback=interrupt)
+    assert torch.equal(pipe(PROMPT, num_frames=9, height=32, width=32, steps=3, seed=1, output_type="latent"), a)
+
+
+def test_denoise_from_input_latents_with_strength():
+    pipe = MimirPipeline(**tiny_components(variant="5b"))
+    cond, uncond = pipe.encode_prompt(PROMPT)
+    start = torch.randn(1, 3, 4, 4, 4)
+    steps = []
+    out = pipe.denoise(cond, uncond, 9, 32, 32, steps=4, latents=start, strength=0.5,
+                       callback=lambda i, n, x: steps.append(n))
+    assert out.shape == start.shape and steps == [2, 2]
+    with pytest.raises(ValueError, match="input latents"):
+        pipe.denoise(cond, uncond, 9, 32, 48, steps=4, latents=start, strength=0.5)
+    with pytest.raises(ValueError, match="strength"):
+        pipe.denoise(cond, uncond, 9, 32, 32, steps=4, latents=start, strength=0.0)
+
+
+def test_decode_gives_frames_in_unit_range():
+    pipe = MimirPipeline(**tiny_components(variant="2b"))
+    frames = pipe(PROMPT, num_frames=9, height=32, width=48, steps=2)
+    assert frames.shape == (1, 9, 32, 48, 3) and frames.dtype == torch.float32
+    assert 0.0 <= frames.min() and frames.max() <= 1.0
+    tiled = pipe.decode(pipe(PROMPT, num_frames=9, height=32, width=48, steps=2, output_type="latent"), slicing=True)
+    torch.testing.assert_close(tiled, frames)
+
+
+@pytest.mark.parametrize("frames,h,w,msg", [(10, 32, 32, "4k\\+1"), (9, 30, 32, "height must be a positive multiple of 16"),
+                                            (9, 32, 40, "width must be"), (0, 32, 32, "4k\\+1")])
+def test_bad_video_sizes_are_refused(frames, h, w, msg):
+    with pytest.raises(ValueError, match=msg):
+        check_video_size(frames, h, w)
+
+
+def test_placement_moves_each_model_only_for_its_stage():
+    moves = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def to(self, device):
+            moves.append((self.name, str(device)))
+            return self
+
+    placement = Placement(device="cuda", offload_device="cpu")  # .to is recorded, nothing really moves
+    with placement.stage(Recorder("llm"), None):
+        moves.append(("work", ""))
+    assert moves == [("llm", "cuda"), ("work", ""), ("llm", "cpu")]
+    moves.clear()
+    with pytest.raises(RuntimeError):
+        with placement.stage(Recorder("dit")):
+            raise RuntimeError("boom")
+    assert moves == [("dit", "cuda"), ("dit", "cpu")]  # back to the offload device even when the stage fails

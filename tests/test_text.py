@@ -1,0 +1,119 @@
+import logging
+
+import pytest
+import torch
+from diffusers import CogVideoXPipeline
+
+from mimir.fuser import FuserConfig
+from mimir.testing import tiny_components, tiny_llm, word_tokenizer
+from mimir.text import LLMTextEncoder, TextFeatures, encode_t5, encode_text
+
+PROMPT = "a red circle moves to the left"
+
+
+def llm_config(llm, **kw):
+    base = dict(t5_dim=32, llm_dim=llm.config.hidden_size, text_len=16, answer_tokens=3)
+    base.update(kw)
+    return FuserConfig(**base)
+
+
+def test_t5_matches_diffusers_encode_prompt():
+    c = tiny_components()
+    ref = CogVideoXPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], vae=c["vae"],
+                            transformer=c["transformer"], scheduler=c["scheduler"])
+    prompts = [PROMPT, "two blue squares"]
+    with torch.no_grad():  # as in CogVideoXPipeline.__call__ (grad mode picks other kernels, ~1e-6 apart)
+        expected, _ = ref.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=16, device="cpu")
+    ours = encode_t5(c["tokenizer"], c["text_encoder"], prompts, max_length=16)
+    assert ours.shape == (2, 16, 32)
+    assert torch.equal(ours, expected)
+
+
+def test_long_prompt_warns_how_many_tokens_were_dropped(caplog):
+    c = tiny_components()
+    prompt = " ".join(["red"] * 20)  # 20 words + </s> = 21 tokens for a limit of 16
+    with caplog.at_level(logging.WARNING, logger="mimir.text"):
+        encode_t5(c["tokenizer"], c["text_encoder"], [prompt], max_length=16)
+    assert "5 tokens were dropped" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["phi3", "llama"])
+def test_query_tokens_are_the_prompt_positions_of_the_chat_templated_input(arch):
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok, arch=arch)
+    enc = LLMTextEncoder(llm, tok, llm_config(llm, answer_tokens=0, stabilizer_tokens=0, instructions=()))
+    templated = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(templated, add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids[0].tolist() == enc.prefix + enc._ids(PROMPT) + enc.suffix  # the crop sees what the template makes
+    with torch.no_grad():
+        hidden = llm(ids, output_hidden_states=True).hidden_states[-1][0]
+    tokens, instructions = enc.encode_one(PROMPT)
+    n = len(enc._ids(PROMPT))
+    assert tokens.shape == (n, llm.config.hidden_size) and instructions is None
+    torch.testing.assert_close(tokens, hidden[len(enc.prefix):len(enc.prefix) + n])
+
+
+def test_answer_tokens_are_greedy_continuation_and_hidden_layer_is_selectable():
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok)
+    cfg = llm_config(llm, answer_tokens=3, stabilizer_tokens=0, instructions=(), llm_hidden_layer=1)
+    enc = LLMTextEncoder(llm, tok, cfg)
+    context = enc.prefix + enc._ids(PROMPT) + enc.suffix
+    with torch.no_grad():
+        greedy = llm.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False)[0, len(context):].tolist()
+    answer = enc._answer(context, None, None)
+    assert answer == [t for t in greedy if t != tok.eos_token_id][: len(answer)] and len(answer) > 0
+    tokens, _ = enc.encode_one(PROMPT)
+    with torch.no_grad():
+        hidden = llm(torch.tensor([context + answer]), output_hidden_states=True).hidden_states[1][0]
+    assert tokens.shape[0] == len(enc._ids(PROMPT)) + len(answer)
+    torch.testing.assert_close(tokens[-len(answer):], hidden[len(context):])
+
+
+def test_sampled_answers_need_a_seed_and_are_reproducible():
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok)
+    enc = LLMTextEncoder(llm, tok, llm_config(llm, answer_tokens=6, answer_sampling=True, stabilizer_tokens=0,
+                                             instructions=()))
+    with pytest.raises(ValueError, match="explicit seed"):
+        enc.encode_one(PROMPT)
+    a, _ = enc.encode_one(PROMPT, seed=3)
+    b, _ = enc.encode_one(PROMPT, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_instruction_tokens_batched_equal_one_by_one():
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok, arch="llama")
+    enc = LLMTextEncoder(llm, tok, llm_config(llm, answer_tokens=0))
+    _, instructions = enc.encode_one(PROMPT)
+    assert instructions.shape == (4, llm.config.hidden_size)
+    context = enc.prefix + enc._ids(PROMPT) + enc.suffix
+    for k, text in enumerate(enc.config.instructions):
+        ids = torch.tensor([context + enc._ids(text)])
+        with torch.no_grad():
+            last = llm(ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        torch.testing.assert_close(instructions[k], last, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_masks_and_feature_round_trip(tmp_path):
+    c = tiny_components()
+    enc = LLMTextEncoder(c["llm"], c["llm_tokenizer"], c["fuser"].config)
+    steps = []
+    feats = encode_text([PROMPT, "red"], c["tokenizer"], c["text_encoder"], enc, callback=lambda i, n: steps.append(i))
+    lengths = feats.llm_mask.sum(1).tolist()
+    assert lengths[0] > lengths[1] and feats.llm.shape[1] == max(lengths)
+    assert feats.llm[1, lengths[1]:].abs().sum() == 0
+    assert feats.instructions.shape == (2, 4, 48) and steps  # progress was reported during generation
+    path = tmp_path / "prompt.safetensors"
+    feats.save(path)
+    back = TextFeatures.load(path)
+    for name in ("t5", "llm", "llm_mask", "instructions"):
+        assert torch.equal(getattr(back, name), getattr(feats, name))
+
+
+def test_llm_with_wrong_hidden_size_is_refused():
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok, hidden_size=48)
+    with pytest.raises(ValueError, match="hidden size 3072.*has hidden size 48"):
+        LLMTextEncoder(llm, tok, FuserConfig())
