@@ -11,7 +11,7 @@ import math
 from typing import Callable
 
 import torch
-from diffusers import CogVideoXDPMScheduler
+from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from diffusers.utils.torch_utils import randn_tensor
@@ -22,6 +22,7 @@ from .text import LLMTextEncoder, TextFeatures, encode_t5
 # (step index, number of steps, latents) -> None; may raise to interrupt
 StepCallback = Callable[[int, int, torch.Tensor], None]
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8
+SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
 
 def check_video_size(num_frames: int, height: int, width: int) -> None:
@@ -75,9 +76,13 @@ class MimirPipeline:
             fused = self.fuser(*_fuser_args(features.to(device)))
         return fused.to(dtype)
 
-    def encode_prompt(self, prompt, negative_prompt="", seed: int | None = None, callback=None):
-        """-> (cond, uncond) text streams; the negative prompt goes through the whole fuser too."""
+    def encode_prompt(self, prompt, negative_prompt: str | list[str] | None = "", seed: int | None = None,
+                      callback=None):
+        """-> (cond, uncond) text streams; the negative prompt goes through the whole fuser too.
+        negative_prompt=None skips it (no guidance) and returns uncond=None."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            return self.fuse(self.encode_features(prompts, seed=seed, callback=callback)), None
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         fused = self.fuse(self.encode_features(negatives + prompts, seed=seed, callback=callback))
         return fused[len(negatives):], fused[:len(negatives)]
@@ -85,6 +90,12 @@ class MimirPipeline:
     def release_llm(self) -> None:
         """Drop the LLM once prompts are encoded; it is the largest text model."""
         self.llm = self._llm_encoder = None
+
+    def use_scheduler(self, kind: str) -> None:
+        """Switch between CogVideoX's DDIM and DPM schedulers, keeping the checkpoint's noise settings."""
+        if kind not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {kind!r}")
+        self.scheduler = SCHEDULERS[kind].from_config(self.scheduler.config)
 
     # ---- denoising -------------------------------------------------------------------------------------
     def _rotary(self, height: int, width: int, latent_frames: int, device):
@@ -189,9 +200,9 @@ class MimirPipeline:
                  callback: StepCallback | None = None, tiling: bool = False, slicing: bool = False,
                  output_type: str = "frames") -> torch.Tensor:
         check_video_size(num_frames, height, width)
-        cond, uncond = self.encode_prompt(prompt, negative_prompt if guidance > 1.0 else "", seed=seed)
-        latents = self.denoise(cond, uncond if guidance > 1.0 else None, num_frames, height, width, steps, guidance,
-                               seed, dynamic_cfg, callback=callback)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt if guidance > 1.0 else None, seed=seed)
+        latents = self.denoise(cond, uncond, num_frames, height, width, steps, guidance, seed, dynamic_cfg,
+                               callback=callback)
         return latents if output_type == "latent" else self.decode(latents, tiling=tiling, slicing=slicing)
 
 

@@ -1,0 +1,143 @@
+"""`mimir` command line: generate a video, inspect a checkpoint, cache features, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="text -> video file (.mp4, .webp or .gif)",
+                       description="Generate a video. With no model arguments it uses the bundled demo model.")
+    p.add_argument("prompt")
+    p.add_argument("--negative-prompt", default="", help="goes through the whole fuser, like the prompt")
+    p.add_argument("--frames", type=int, default=None, help="4k+1 (default: the model's training length)")
+    p.add_argument("--height", type=int, default=None, help="multiple of 16 (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="multiple of 16 (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; demo model 25)")
+    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (1 disables)")
+    p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's cosine guidance schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
+    p.add_argument("--model", type=Path, default=None,
+                   help="Mimir/CogVideoX diffusers folder (transformer/ vae/ text_encoder/ tokenizer/ [llm/ fuser.safetensors])")
+    p.add_argument("--transformer", type=Path, help="override: transformer single file or folder")
+    p.add_argument("--vae", type=Path, help="override: VAE single file or folder")
+    p.add_argument("--llm", type=Path, help="override: transformers LLM folder")
+    p.add_argument("--fuser", type=Path, help="override: token fuser .safetensors")
+    p.add_argument("--no-fuser", action="store_true", help="T5 only: plain CogVideoX")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM folder's own Python code")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="compute device (default: cuda if available)")
+    p.add_argument("--offload-device", default="cpu", help="where idle models wait between stages")
+    p.add_argument("--tiling", action="store_true", help="VAE tiled decoding (less memory)")
+    p.add_argument("--slicing", action="store_true", help="VAE decodes one video of the batch at a time")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("-o", "--output", type=Path, default=Path("mimir.mp4"))
+
+
+def _resolve_device(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    return device, dtype
+
+
+def _load(args, device, dtype):
+    from .loading import DEMO_MODEL_DIR, load_pipeline, load_transformer, load_vae
+    from .offload import Placement
+
+    placement = Placement(device, args.offload_device)
+    folder = args.model
+    if folder is None and not (args.transformer and args.vae):
+        if not DEMO_MODEL_DIR.is_dir():
+            return _smoke_pipeline(placement), "smoke"
+        folder = DEMO_MODEL_DIR
+    pipe = load_pipeline(folder, dtype=dtype, device=args.offload_device, placement=placement,
+                         fuser_path=args.fuser, llm_path=args.llm, trust_remote_code=args.trust_remote_code)
+    if args.no_fuser:
+        pipe.fuser = pipe.llm = None
+    if args.transformer:
+        text_len = pipe.text_len + (pipe.fuser.config.stabilizer_tokens if pipe.fuser else 0)
+        pipe.transformer, _ = load_transformer(args.transformer, dtype=dtype, device=args.offload_device, text_len=text_len)
+    if args.vae:
+        pipe.vae, _ = load_vae(args.vae, dtype=dtype, device=args.offload_device)
+    pipe.use_scheduler(args.scheduler)
+    return pipe, "demo" if folder == DEMO_MODEL_DIR else str(folder)
+
+
+def _smoke_pipeline(placement):
+    from .pipeline import MimirPipeline
+    from .testing import tiny_components
+
+    print("SMOKE RUN: the bundled demo model is not installed; using random tiny models (the video is noise).")
+    return MimirPipeline(**tiny_components(variant="5b"), placement=placement)
+
+
+def _defaults(args, pipe, name):
+    cfg = pipe.transformer.config
+    args.frames = args.frames or cfg.sample_frames
+    args.height = args.height or cfg.sample_height * 8
+    args.width = args.width or cfg.sample_width * 8
+    args.steps = args.steps or (25 if name in ("demo", "smoke") else 50)
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from .pipeline import check_video_size
+    from .video import write_video
+
+    device, dtype = _resolve_device(args)
+    start = time.perf_counter()
+    pipe, name = _load(args, device, dtype)
+    _defaults(args, pipe, name)
+    check_video_size(args.frames, args.height, args.width)
+    bar = tqdm(total=args.steps, desc="denoising", unit="step")
+    frames = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
+                  width=args.width, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                  dynamic_cfg=args.dynamic_cfg, tiling=args.tiling, slicing=args.slicing,
+                  callback=lambda i, n, x: bar.update(1))
+    bar.close()
+    write_video(frames[0], args.output, fps=args.fps)
+    print(f"wrote {args.output} ({args.frames} frames, {args.width}x{args.height}, model: {name}, "
+          f"{time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .loading import inspect
+
+    print(json.dumps(inspect(args.path), indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="mimir", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    p = sub.add_parser("inspect", help="say what a checkpoint file or folder is")
+    p.add_argument("path", type=Path)
+    sub.add_parser("train", help="train a fuser + DiT (see `mimir train --help`)", add_help=False)
+    sub.add_parser("cache", help="precompute VAE latents and text features (see `mimir cache --help`)", add_help=False)
+    if argv[:1] in (["train"], ["cache"]):  # these parse their own options
+        from . import train
+
+        return (train.main_train if argv[0] == "train" else train.main_cache)(argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "inspect": cmd_inspect}[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mimir {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
