@@ -34,6 +34,21 @@ def check_video_size(num_frames: int, height: int, width: int) -> None:
             raise ValueError(f"{name} must be a positive multiple of 16, got {size}")
 
 
+def rotary_embeddings(cfg, height: int, width: int, latent_frames: int, device):
+    """CogVideoX 5B / 1.5 rotary embeddings for a video (None for sin-cos 2B); shared by sampling and training."""
+    if not cfg.use_rotary_positional_embeddings:
+        return None
+    grid_h, grid_w = height // (VAE_SPATIAL * cfg.patch_size), width // (VAE_SPATIAL * cfg.patch_size)
+    base_w, base_h = cfg.sample_width // cfg.patch_size, cfg.sample_height // cfg.patch_size
+    if cfg.patch_size_t is None:
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops,
+                                       grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
+    frames = (latent_frames + cfg.patch_size_t - 1) // cfg.patch_size_t
+    return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
+                                   temporal_size=frames, grid_type="slice", max_size=(base_h, base_w), device=device)
+
+
 class MimirPipeline:
     def __init__(self, transformer, vae, scheduler, tokenizer=None, text_encoder=None, llm=None, llm_tokenizer=None,
                  fuser=None, placement: Placement | None = None):
@@ -99,18 +114,7 @@ class MimirPipeline:
 
     # ---- denoising -------------------------------------------------------------------------------------
     def _rotary(self, height: int, width: int, latent_frames: int, device):
-        cfg = self.transformer.config
-        if not cfg.use_rotary_positional_embeddings:
-            return None
-        grid_h, grid_w = height // (VAE_SPATIAL * cfg.patch_size), width // (VAE_SPATIAL * cfg.patch_size)
-        base_w, base_h = cfg.sample_width // cfg.patch_size, cfg.sample_height // cfg.patch_size
-        if cfg.patch_size_t is None:
-            crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
-            return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops,
-                                           grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
-        frames = (latent_frames + cfg.patch_size_t - 1) // cfg.patch_size_t
-        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
-                                       temporal_size=frames, grid_type="slice", max_size=(base_h, base_w), device=device)
+        return rotary_embeddings(self.transformer.config, height, width, latent_frames, device)
 
     def _timesteps(self, steps: int, strength: float, device):
         self.scheduler.set_timesteps(steps, device=device)
