@@ -25,14 +25,23 @@ class Placement:
         moving = self.device != self.offload_device
         if moving:
             for m in modules:
-                m.to(self.device)
+                move_module(m, self.device)
         try:
             yield self.device
         finally:
             if moving:
                 for m in modules:
-                    m.to(self.offload_device)
+                    move_module(m, self.offload_device)
                 free_accelerator_cache(self.device)
+
+
+def move_module(module: torch.nn.Module, device: torch.device) -> None:
+    """`module.to(device)`; a transformer with block swap (memory.py) keeps its swapped blocks offloaded."""
+    place = getattr(module, "_mimir_place", None)
+    if place is None:
+        module.to(device)
+    else:
+        place(device)
 
 
 def free_accelerator_cache(device: torch.device) -> None:
@@ -46,4 +55,5 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+    """The compute dtype: float8 weights (memory.py's fp8 storage) are upcast at run time, so they don't count."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype.itemsize > 1)

@@ -17,6 +17,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_regi
 from diffusers.utils.torch_utils import randn_tensor
 
 from .offload import Placement, module_dtype
+from .prompt_cache import PromptCache, encode_features_cached
 from .text import LLMTextEncoder, TextFeatures, encode_t5
 
 # (step index, number of steps, latents) -> None; may raise to interrupt
@@ -51,11 +52,12 @@ def rotary_embeddings(cfg, height: int, width: int, latent_frames: int, device):
 
 class MimirPipeline:
     def __init__(self, transformer, vae, scheduler, tokenizer=None, text_encoder=None, llm=None, llm_tokenizer=None,
-                 fuser=None, placement: Placement | None = None):
+                 fuser=None, placement: Placement | None = None, prompt_cache: PromptCache | None = None):
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.llm, self.llm_tokenizer, self.fuser = llm, llm_tokenizer, fuser
         self.placement = placement or Placement()
+        self.prompt_cache = prompt_cache  # a repeated prompt then runs neither T5 nor the LLM
         self._llm_encoder = None
 
     # ---- text ------------------------------------------------------------------------------------------
@@ -97,10 +99,15 @@ class MimirPipeline:
         negative_prompt=None skips it (no guidance) and returns uncond=None."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
-            return self.fuse(self.encode_features(prompts, seed=seed, callback=callback)), None
+            return self.fuse(self._features(prompts, seed, callback)), None
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        fused = self.fuse(self.encode_features(negatives + prompts, seed=seed, callback=callback))
+        fused = self.fuse(self._features(negatives + prompts, seed, callback))
         return fused[len(negatives):], fused[:len(negatives)]
+
+    def _features(self, prompts: list[str], seed: int | None, callback):
+        if self.prompt_cache is None or self.fuser is None:
+            return self.encode_features(prompts, seed=seed, callback=callback)
+        return encode_features_cached(self, prompts, self.prompt_cache, seed=seed, callback=callback)
 
     def release_llm(self) -> None:
         """Drop the LLM once prompts are encoded; it is the largest text model."""

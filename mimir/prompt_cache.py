@@ -1,0 +1,172 @@
+"""Encoded-prompt cache: T5 + LLM features of a prompt, saved once, so a repeated prompt runs neither encoder.
+
+One safetensors file per prompt (mimir.text.TextFeatures) in a folder (default ~/.cache/mimir/prompts, or
+$MIMIR_PROMPT_CACHE). The file name is a hash of everything that changes the features: the prompt, the T5
+and LLM identities (model_identity), and the fuser config's encoding fields (text_len, instructions,
+answer_tokens, answer_sampling, llm_hidden_layer) plus the seed when answers are sampled. The fuser's
+weights are not part of the key: fusing runs after the cache, so a retrained fuser reuses the features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .fuser import FuserConfig
+from .text import TextFeatures
+
+logger = logging.getLogger(__name__)
+FORMAT = "mimir-prompt-cache-1"  # bump when the encoding code changes what it produces
+FINGERPRINT_VALUES = 64  # weight values sampled per tensor for the identity of a loaded model
+
+
+def default_folder() -> Path:
+    return Path(os.environ.get("MIMIR_PROMPT_CACHE") or Path.home() / ".cache" / "mimir" / "prompts")
+
+
+def model_identity(model) -> str:
+    """A hash that changes when a text model would encode differently. A path (file or folder): resolved path,
+    sizes and modification times, nothing loaded. A loaded nn.Module: class, config, dtypes and evenly spaced
+    weight values of every tensor. A tokenizer: its full rules (fast tokenizers) or vocabulary, and chat template."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    if isinstance(model, (str, Path)):
+        _hash_path(h, Path(model))
+    elif isinstance(model, torch.nn.Module):
+        _hash_module(h, model)
+    elif hasattr(model, "get_vocab"):
+        backend = getattr(model, "backend_tokenizer", None)
+        h.update((backend.to_str() if backend is not None else json.dumps(model.get_vocab(), sort_keys=True)).encode())
+        h.update(str(getattr(model, "chat_template", None)).encode())
+    else:
+        raise TypeError(f"model_identity: expected a path, an nn.Module or a tokenizer, got {type(model).__name__}")
+    return h.hexdigest()[:32]
+
+
+def _hash_path(h, path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"model_identity: {path} does not exist")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h.update(str(path.resolve()).encode())
+    for file in files:
+        stat = file.stat()
+        h.update(f"{file.relative_to(path) if path.is_dir() else ''}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+
+
+def _hash_module(h, module: torch.nn.Module) -> None:
+    config = getattr(module, "config", None)
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    config.pop("transformers_version", None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            flat = tensor.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // FINGERPRINT_VALUES)][:FINGERPRINT_VALUES]
+            h.update(sample.float().cpu().numpy().tobytes())
+
+
+def encoding_key_parts(prompt: str, t5_identity: str, llm_identity: str, config: FuserConfig,
+                       seed: int | None = None) -> dict:
+    """Everything the TextFeatures of `prompt` depend on (see the module doc)."""
+    sampled = config.answer_sampling and config.answer_tokens > 0
+    return {"format": FORMAT, "prompt": prompt, "t5": t5_identity, "llm": llm_identity, "text_len": config.text_len,
+            "instructions": list(config.instructions), "answer_tokens": config.answer_tokens,
+            "answer_sampling": config.answer_sampling, "llm_hidden_layer": config.llm_hidden_layer,
+            "seed": seed if sampled else None}
+
+
+class PromptCache:
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder) if folder is not None else default_folder()
+
+    @staticmethod
+    def key(parts: dict) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def path(self, parts: dict) -> Path:
+        return self.folder / f"{self.key(parts)}.safetensors"
+
+    def get(self, parts: dict) -> TextFeatures | None:
+        path = self.path(parts)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                stored = json.loads((f.metadata() or {}).get("key_parts", "null"))
+            if stored != parts:
+                raise ValueError("its key parts differ from the requested ones")
+            return TextFeatures.load(path)
+        except Exception as exc:  # a damaged or foreign file is re-encoded, never trusted
+            logger.warning("prompt cache: ignoring %s (%s)", path, exc)
+            return None
+
+    def put(self, parts: dict, features: TextFeatures) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(parts)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        features.save(tmp, metadata={"key_parts": json.dumps(parts, sort_keys=True)})
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        return path
+
+    def get_or_encode(self, parts: dict, encode_fn: Callable[[], TextFeatures]) -> TextFeatures:
+        """Cached features for `parts`, or encode_fn() (features of one prompt) stored for next time."""
+        features = self.get(parts)
+        if features is None:
+            features = encode_fn()
+            self.put(parts, features)
+        return features
+
+
+def encode_features_cached(pipeline, prompts: list[str], cache: PromptCache, seed: int | None = None,
+                           t5_identity: str | None = None, llm_identity: str | None = None,
+                           callback=None) -> TextFeatures:
+    """`pipeline.encode_features(prompts)` through the cache: only prompts not cached yet are encoded (in one
+    batch). Identities default to those of the pipeline's loaded models; pass them (e.g. from model file
+    paths) to use cached prompts without the LLM."""
+    if pipeline.fuser is None:
+        raise ValueError("the prompt cache stores T5 + LLM features: this pipeline has no fuser")
+    t5_identity = t5_identity or _joint_identity(pipeline.text_encoder, pipeline.tokenizer, "T5")
+    llm_identity = llm_identity or _joint_identity(pipeline.llm, pipeline.llm_tokenizer, "LLM")
+    parts = {p: encoding_key_parts(p, t5_identity, llm_identity, pipeline.fuser.config, seed) for p in prompts}
+    found = {p: cache.get(parts[p]) for p in parts}
+    missing = [p for p, features in found.items() if features is None]
+    if missing:
+        for prompt, features in zip(missing, _split(pipeline.encode_features(missing, seed=seed, callback=callback))):
+            cache.put(parts[prompt], features)
+            found[prompt] = features
+    return _stack([found[p] for p in prompts])
+
+
+def _joint_identity(model, tokenizer, what: str) -> str:
+    if model is None or tokenizer is None:
+        raise ValueError(f"the {what} (model or tokenizer) is not loaded: pass its identity (model_identity of its "
+                         f"files) to use the prompt cache without it")
+    return model_identity(model) + model_identity(tokenizer)
+
+
+def _split(features: TextFeatures) -> list[TextFeatures]:
+    """A batch -> one TextFeatures per prompt, LLM tokens cut to the prompt's own length."""
+    out = []
+    for i in range(features.t5.shape[0]):
+        length = int(features.llm_mask[i].sum())
+        instructions = None if features.instructions is None else features.instructions[i:i + 1]
+        out.append(TextFeatures(features.t5[i:i + 1], features.llm[i:i + 1, :length],
+                                features.llm_mask[i:i + 1, :length], instructions).to("cpu"))
+    return out
+
+
+def _stack(items: list[TextFeatures]) -> TextFeatures:
+    """Per-prompt features -> a batch, LLM tokens right-padded with mask 0 as LLMTextEncoder pads them."""
+    longest = max(1, max(f.llm.shape[1] for f in items))
+    llm = torch.cat([F.pad(f.llm, (0, 0, 0, longest - f.llm.shape[1])) for f in items])
+    mask = torch.cat([F.pad(f.llm_mask, (0, longest - f.llm_mask.shape[1])) for f in items])
+    instructions = None if items[0].instructions is None else torch.cat([f.instructions for f in items])
+    return TextFeatures(torch.cat([f.t5 for f in items]), llm, mask, instructions)
