@@ -7,11 +7,12 @@ causal LMs) at toy sizes, with word-level tokenizers built offline. Nothing here
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from .fuser import FuserConfig, TokenFuser
+from .loading import SCHEDULER_SETTINGS, SCHEDULERS
 
 BASE_WORDS = (
     "a an the one two three red green blue yellow orange purple white black circle square triangle ball box "
@@ -95,10 +96,7 @@ def tiny_vae(latent_channels: int = 4, seed: int = 0) -> AutoencoderKLCogVideoX:
 
 def real_scheduler(kind: str = "ddim", snr_shift_scale: float = 3.0):
     """A scheduler with the settings of the published CogVideoX checkpoints (the class defaults differ)."""
-    cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[kind]
-    return cls(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
-               clip_sample=False, snr_shift_scale=snr_shift_scale, beta_schedule="scaled_linear",
-               beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True)
+    return SCHEDULERS[kind](**SCHEDULER_SETTINGS, snr_shift_scale=snr_shift_scale)
 
 
 def tiny_components(variant: str = "2b", llm_arch: str = "phi3", stabilizer_tokens: int = 4, text_len: int = 16,

@@ -1,0 +1,534 @@
+"""mimir.loading: every layout saved from tiny real-architecture models loads back to bit-equal outputs; variant
+detection on the published CogVideoX shapes (meta tensors, nothing allocated); each refusal names its cause."""
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import T5Config, T5EncoderModel
+
+from mimir import loading
+from mimir.fuser import FuserConfig, TokenFuser, save_fuser
+from mimir.loading import (
+    DEMO_MODEL_DIR,
+    SCHEDULER_SETTINGS,
+    TRANSFORMER_CONFIGS,
+    inspect,
+    load_llm,
+    load_pipeline,
+    load_scheduler,
+    load_t5,
+    load_token_fuser,
+    load_transformer,
+    load_vae,
+    match_variant,
+    save_pipeline,
+    save_single_file,
+    t5_config_from_shapes,
+    transformer_config_from_shapes,
+)
+from mimir.offload import Placement
+from mimir.pipeline import MimirPipeline
+from mimir.testing import real_scheduler, tiny_components, tiny_llm, tiny_transformer, tiny_vae, word_tokenizer
+from mimir.text import encode_t5
+
+CALL = dict(num_frames=5, height=16, width=16, steps=2, guidance=6.0, seed=3, output_type="latent")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+def transformer_out(model, text_len=20, latent_frames=2):
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    x = torch.randn(1, latent_frames, cfg.in_channels, 4, 4, generator=g)
+    text = torch.randn(1, text_len, cfg.text_embed_dim, generator=g)
+    with torch.no_grad():
+        return model(hidden_states=x.to(model.dtype), encoder_hidden_states=text.to(model.dtype),
+                     timestep=torch.tensor([500]), return_dict=False)[0]
+
+
+def vae_out(vae):
+    z = torch.randn(1, vae.config.latent_channels, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return vae.decode(z.to(vae.dtype)).sample
+
+
+def t5_out(model, tokenizer):
+    return encode_t5(tokenizer, model, ["a red circle moves to the left", ""], max_length=16)
+
+
+def llm_out(model, tokenizer):
+    ids = tokenizer(["a blue square slides up"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def config_of(model) -> dict:
+    return {k: v for k, v in model.config.items() if not k.startswith("_")}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny Mimir pipeline (2B-style DiT, Phi-3 LLM, 4 stabilizer tokens) and its saved folder."""
+    pipe = MimirPipeline(**tiny_components("2b"))
+    folder = tmp_path_factory.mktemp("mimir_pipeline")
+    save_pipeline(pipe, folder)
+    return pipe, folder
+
+
+# ---- diffusers / Mimir pipeline folders -------------------------------------------------------------------
+
+def test_pipeline_folder_layout_and_round_trip(saved):
+    pipe, folder = saved
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["fuser.safetensors", "llm", "model_index.json", "scheduler", "text_encoder", "tokenizer",
+                     "transformer", "vae"]
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert list(folder.rglob("*.bin")) == []
+    loaded = load_pipeline(folder)
+    for name in ("transformer", "vae", "text_encoder", "llm", "fuser"):
+        assert same_state(getattr(pipe, name), getattr(loaded, name)), name
+    assert config_of(loaded.scheduler) == config_of(pipe.scheduler)
+    assert torch.equal(pipe("a red circle moves to the left", **CALL), loaded("a red circle moves to the left", **CALL))
+
+
+def test_rotary_pipeline_folder_round_trip(tmp_path):
+    """The paper's setting: a 5B-style (rotary) DiT, here with a Llama LLM and the DPM scheduler."""
+    pipe = MimirPipeline(**tiny_components("5b", llm_arch="llama", scheduler="dpm"))
+    save_pipeline(pipe, tmp_path)
+    loaded = load_pipeline(tmp_path)
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    assert torch.equal(pipe("two green squares", **CALL), loaded("two green squares", **CALL))
+
+
+def test_component_path_is_root_or_subfolder(saved):
+    pipe, folder = saved
+    for path in (folder, folder / "transformer"):
+        model, info = load_transformer(path)
+        assert (info.kind, info.layout, info.variant) == ("transformer", "diffusers-folder", "custom")
+        assert info.path == str(folder / "transformer")
+        assert torch.equal(transformer_out(model), transformer_out(pipe.transformer))
+    for path in (folder, folder / "vae"):
+        vae, info = load_vae(path)
+        assert (info.kind, info.vae_scaling_factor) == ("vae", pipe.vae.config.scaling_factor)
+        assert torch.equal(vae_out(vae), vae_out(pipe.vae))
+    for path in (folder, folder / "text_encoder"):  # the tokenizer is found in the sibling tokenizer/
+        t5, tokenizer, info = load_t5(path)
+        assert (info.kind, info.layout, info.dims["d_model"]) == ("t5", "transformers-folder", 32)
+        assert torch.equal(t5_out(t5, tokenizer), t5_out(pipe.text_encoder, pipe.tokenizer))
+    for path in (folder, folder / "llm"):
+        llm, tokenizer, info = load_llm(path)
+        assert info.dims["hidden_size"] == 48 and info.layout == "transformers-folder"
+        assert torch.equal(llm_out(llm, tokenizer), llm_out(pipe.llm, pipe.llm_tokenizer))
+    for path in (folder, folder / "scheduler"):
+        assert config_of(load_scheduler(path)) == config_of(pipe.scheduler)
+    fuser, info = load_token_fuser(folder / "fuser.safetensors")
+    assert same_state(fuser, pipe.fuser) and info.dims["out_len"] == 20
+
+
+def test_saved_folder_is_a_real_diffusers_folder(saved):
+    pipe, folder = saved
+    reference = CogVideoXPipeline.from_pretrained(str(folder))  # diffusers ignores llm/ and fuser.safetensors
+    assert same_state(reference.transformer, pipe.transformer) and same_state(reference.vae, pipe.vae)
+    ours, _ = load_transformer(folder / "transformer")
+    assert torch.equal(transformer_out(ours), transformer_out(reference.transformer))
+
+
+def test_sharded_folders(saved, tmp_path):
+    pipe, _ = saved
+    pipe.transformer.save_pretrained(tmp_path / "transformer", max_shard_size="20KB")
+    pipe.text_encoder.save_pretrained(tmp_path / "text_encoder", max_shard_size="20KB")
+    pipe.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
+    assert len(list((tmp_path / "text_encoder").glob("*.safetensors"))) > 1
+    model, _ = load_transformer(tmp_path / "transformer")
+    assert same_state(model, pipe.transformer)
+    t5, tokenizer, _ = load_t5(tmp_path / "text_encoder")
+    assert torch.equal(t5_out(t5, tokenizer), t5_out(pipe.text_encoder, pipe.tokenizer))
+
+
+def test_plain_cogvideox_folder_loads_without_fuser(tmp_path):
+    components = tiny_components("2b")
+    components.update(fuser=None, llm=None, llm_tokenizer=None)
+    pipe = MimirPipeline(**components)
+    save_pipeline(pipe, tmp_path)
+    assert not (tmp_path / "llm").exists() and not (tmp_path / "fuser.safetensors").exists()
+    loaded = load_pipeline(tmp_path)
+    assert loaded.fuser is None and loaded.llm is None
+    # plain CogVideoX reads 226 T5 tokens: the 2B-style position table is sized for them
+    assert loaded.transformer.config.max_text_seq_length == 226
+    pipe.transformer, _ = load_transformer(tmp_path, text_len=226)
+    assert torch.equal(pipe("a red ball", **CALL), loaded("a red ball", **CALL))
+    assert inspect(tmp_path)["mimir"] is False
+
+
+def test_pipeline_with_external_fuser_and_llm(saved, tmp_path):
+    pipe, folder = saved
+    plain = tmp_path / "plain"
+    components = tiny_components("2b")
+    components.update(fuser=None, llm=None, llm_tokenizer=None)
+    save_pipeline(MimirPipeline(**components), plain)
+    loaded = load_pipeline(plain, fuser_path=folder / "fuser.safetensors", llm_path=folder / "llm",
+                           placement=Placement("cpu", "cpu"))
+    assert same_state(loaded.fuser, pipe.fuser) and same_state(loaded.llm, pipe.llm)
+    assert loaded.transformer.config.max_text_seq_length == 20  # 16 T5 tokens + 4 stabilizer tokens
+
+
+# ---- transformer single files -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["2b", "5b", "1.5"])
+def test_transformer_single_file_round_trip(tmp_path, variant):
+    model = tiny_transformer(variant, text_len=20)
+    path = tmp_path / "dit.safetensors"
+    save_single_file(model, path, vae_scaling_factor=0.7)
+    with safe_open(str(path), "pt") as f:
+        assert "transformer_blocks.0.attn1.to_q.weight" in f.keys()  # diffusers key names
+        assert json.loads(f.metadata()["config"])["num_layers"] == 2
+    loaded, info = load_transformer(path)
+    assert (info.layout, info.variant, info.vae_scaling_factor) == ("single-file", "custom", 0.7)
+    assert info.dims["positional_embeddings"] == ("sincos" if variant == "2b" else "rotary")
+    assert config_of(loaded) == config_of(model) and same_state(loaded, model)
+    frames = 4 if variant == "1.5" else 2
+    assert torch.equal(transformer_out(loaded, latent_frames=frames), transformer_out(model, latent_frames=frames))
+
+
+@pytest.mark.parametrize("variant", list(TRANSFORMER_CONFIGS))
+def test_variant_detected_from_published_shapes(variant):
+    config = TRANSFORMER_CONFIGS[variant]
+    with torch.device("meta"):  # real-size shapes, no memory
+        model = CogVideoXTransformer3DModel(**config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found, built = transformer_config_from_shapes(shapes)
+    assert found == variant and built == config and match_variant(built) == variant
+    assert built == {k: v for k, v in config_of(model).items()}  # the table is complete for the diffusers class
+    expected_proj = {"2b": (1920, 16, 2, 2), "5b": (3072, 16, 2, 2), "5b-i2v": (3072, 32, 2, 2), "1.5": (3072, 128),
+                     "1.5-i2v": (3072, 256)}[variant]
+    assert shapes["patch_embed.proj.weight"] == expected_proj
+    assert built["num_layers"] == (30 if variant == "2b" else 42)
+
+
+def test_published_configs_match_the_papers_models():
+    two, five, one5 = TRANSFORMER_CONFIGS["2b"], TRANSFORMER_CONFIGS["5b"], TRANSFORMER_CONFIGS["1.5"]
+    assert (two["num_attention_heads"], two["num_layers"], two["use_rotary_positional_embeddings"]) == (30, 30, False)
+    assert (five["num_attention_heads"], five["num_layers"], five["use_rotary_positional_embeddings"]) == (48, 42, True)
+    assert (one5["patch_size_t"], one5["sample_height"], one5["sample_width"], one5["sample_frames"]) == (2, 300, 300, 81)
+    assert all(c["text_embed_dim"] == 4096 and c["attention_head_dim"] == 64 and c["max_text_seq_length"] == 226
+               for c in TRANSFORMER_CONFIGS.values())
+
+
+def test_depth_is_counted_from_keys():
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CogVideoXTransformer3DModel(**TRANSFORMER_CONFIGS["5b"]).state_dict().items()}
+    pruned = {k: v for k, v in shapes.items() if not k.startswith("transformer_blocks.") or int(k.split(".")[1]) < 10}
+    assert transformer_config_from_shapes(pruned)[1]["num_layers"] == 10
+
+
+def test_single_file_without_metadata_is_read_by_its_shapes(tmp_path, monkeypatch):
+    """The path a ComfyUI file of a published model takes, with a tiny entry in the table of known configs."""
+    model = tiny_transformer("5b", text_len=20)
+    monkeypatch.setitem(loading.TRANSFORMER_CONFIGS, "tiny", config_of(model))
+    monkeypatch.setitem(loading.VAE_SCALING_FACTORS, "tiny", 0.5)
+    path = tmp_path / "comfy_dit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))  # no metadata
+    loaded, info = load_transformer(path)
+    assert (info.variant, info.vae_scaling_factor, info.layout) == ("tiny", 0.5, "single-file")
+    assert torch.equal(transformer_out(loaded), transformer_out(model))
+
+
+def test_unknown_transformer_shapes_are_named(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_transformer("2b").state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match=r"\[32, 4, 2, 2\].*2b \[1920, 16, 2, 2\].*5b \[3072, 16, 2, 2\]"):
+        load_transformer(path)
+
+
+# ---- text_len, dtype, device ------------------------------------------------------------------------------
+
+def test_sincos_text_positions_follow_text_len(tmp_path):
+    model = tiny_transformer("2b", text_len=16)
+    save_single_file(model, tmp_path / "dit.safetensors")
+    as_saved, _ = load_transformer(tmp_path / "dit.safetensors")
+    with pytest.raises(RuntimeError):  # 20 text tokens do not fit a 16-token position table
+        transformer_out(as_saved, text_len=20)
+    extended, info = load_transformer(tmp_path / "dit.safetensors", text_len=20)
+    assert info.dims["max_text_seq_length"] == 20 and same_state(extended, model)  # weights unchanged
+    assert transformer_out(extended, text_len=20).shape == (1, 2, 4, 4, 4)
+
+
+def test_rotary_models_take_any_text_len(tmp_path):
+    model = tiny_transformer("5b", text_len=16)
+    save_single_file(model, tmp_path / "dit.safetensors")
+    loaded, info = load_transformer(tmp_path / "dit.safetensors", text_len=20)
+    assert info.dims["max_text_seq_length"] == 16
+    assert torch.equal(transformer_out(loaded, text_len=20), transformer_out(model, text_len=20))
+
+
+def test_learned_positions_refuse_another_text_len(tmp_path):
+    model = CogVideoXTransformer3DModel(**{**config_of(tiny_transformer("5b")),
+                                           "use_learned_positional_embeddings": True}).float().eval()
+    save_single_file(model, tmp_path / "i2v.safetensors")
+    with pytest.raises(ValueError, match="learned positional embeddings for 16 text tokens; it cannot take 20"):
+        load_transformer(tmp_path / "i2v.safetensors", text_len=20)
+    loaded, info = load_transformer(tmp_path / "i2v.safetensors", text_len=16)
+    assert info.dims["positional_embeddings"] == "learned" and same_state(loaded, model)
+
+
+@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                             ("float32", torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_dtype_option(saved, dtype, expected):
+    pipe, folder = saved
+    model, info = load_transformer(folder, dtype=dtype, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {expected} and info.dtype == str(expected).split(".")[1]
+    reference = copy.deepcopy(pipe.transformer).to(expected)  # the same weights, cast by torch
+    assert same_state(model, reference)
+    assert load_transformer(folder, dtype=dtype, device="meta")[0].proj_out.weight.device.type == "meta"
+
+
+def test_dtype_none_keeps_the_stored_dtype(tmp_path):
+    save_single_file(tiny_transformer("5b").to(torch.bfloat16), tmp_path / "dit_bf16.safetensors")
+    model, info = load_transformer(tmp_path / "dit_bf16.safetensors")
+    assert model.dtype == torch.bfloat16 and info.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="unknown dtype 'fp12'"):
+        load_transformer(tmp_path / "dit_bf16.safetensors", dtype="fp12")
+
+
+def test_t5_fp16_keeps_wo_in_fp32_like_transformers(saved):
+    _, folder = saved
+    ours, tokenizer, _ = load_t5(folder, dtype="fp16")
+    reference = T5EncoderModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float16)
+    assert ours.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert same_state(ours, reference)
+    assert torch.equal(t5_out(ours, tokenizer), t5_out(reference, tokenizer))
+
+
+# ---- VAE and T5 single files ------------------------------------------------------------------------------
+
+def test_vae_single_file_round_trip(tmp_path):
+    vae = tiny_vae()
+    save_single_file(vae, tmp_path / "vae.safetensors")
+    loaded, info = load_vae(tmp_path / "vae.safetensors")
+    assert (info.kind, info.layout, info.vae_scaling_factor) == ("vae", "single-file", vae.config.scaling_factor)
+    assert torch.equal(vae_out(loaded), vae_out(vae))
+    assert load_vae(tmp_path / "vae.safetensors", scaling_factor=0.7)[0].config.scaling_factor == 0.7
+
+
+def test_vae_single_file_without_metadata(tmp_path, monkeypatch):
+    vae = tiny_vae()
+    path = tmp_path / "comfy_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match=r"unknown VAE: encoder.conv_in.conv.weight has shape \[8, 3, 3, 3, 3\].*"
+                                         r"the CogVideoX VAE has \[128, 3, 3, 3, 3\], \[512, 16, 3, 3, 3\]"):
+        load_vae(path)  # read as the published CogVideoX VAE, which this tiny file is not
+    monkeypatch.setattr(loading, "VAE_CONFIG", config_of(vae))
+    loaded, info = load_vae(path, scaling_factor=0.7)
+    assert info.vae_scaling_factor == 0.7 and torch.equal(vae_out(loaded), vae_out(vae))
+
+
+def test_t5_single_file_as_comfyui_stores_it(saved, tmp_path):
+    pipe, folder = saved
+    path = tmp_path / "t5.safetensors"
+    save_single_file(pipe.text_encoder, path)
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    assert "shared.weight" in keys and "encoder.embed_tokens.weight" not in keys
+    expected = t5_out(pipe.text_encoder, pipe.tokenizer)
+    model, tokenizer, info = load_t5(path, tokenizer_path=folder / "tokenizer")
+    assert info.layout == "single-file" and torch.equal(t5_out(model, tokenizer), expected)
+    assert model.encoder.embed_tokens.weight is model.shared.weight
+    comfy = tmp_path / "comfy_t5.safetensors"  # no config metadata: the config is read from the shapes
+    save_file(tensors, str(comfy))
+    model, tokenizer, _ = load_t5(comfy, tokenizer_path=folder / "tokenizer")
+    assert torch.equal(t5_out(model, tokenizer), expected)
+    with pytest.raises(ValueError, match="pass tokenizer_path"):
+        load_t5(comfy)
+    assert json.loads(metadata["config"])["d_model"] == 32
+
+
+def test_t5_xxl_config_from_shapes():
+    real = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                    feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in T5EncoderModel(real).state_dict().items()}
+    inferred = t5_config_from_shapes(shapes)
+    fields = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+              "relative_attention_max_distance", "is_gated_act", "dense_act_fn", "layer_norm_epsilon")
+    assert {f: getattr(inferred, f) for f in fields} == {f: getattr(real, f) for f in fields}
+
+
+# ---- LLM ----------------------------------------------------------------------------------------------------
+
+def test_llm_pickle_only_folder_is_refused(saved, tmp_path):
+    pipe, _ = saved
+    pipe.llm.config.save_pretrained(tmp_path)
+    pipe.llm_tokenizer.save_pretrained(tmp_path)
+    torch.save(pipe.llm.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"only pickled PyTorch weights \(pytorch_model.bin\).*safetensors only"):
+        load_llm(tmp_path)
+
+
+def test_llm_trust_remote_code_is_passed_through(tmp_path, monkeypatch):
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = tmp_path / "custom"
+    tokenizer = word_tokenizer(kind="llm")
+    tiny_llm(tokenizer, arch="llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "custom_lm.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'mimir_custom_llama'\n"
+        "class CustomLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mimir_custom_llama", auto_map={"AutoConfig": "custom_lm.CustomConfig",
+                                                            "AutoModelForCausalLM": "custom_lm.CustomLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_llm(folder)
+    model, _, info = load_llm(folder, trust_remote_code=True)
+    assert type(model).__name__ == "CustomLM" and info.dims["model_type"] == "mimir_custom_llama"
+
+
+# ---- scheduler -------------------------------------------------------------------------------------------
+
+def test_scheduler_kinds_have_the_published_settings(saved):
+    assert config_of(load_scheduler("ddim", variant="2b")) == config_of(real_scheduler("ddim", snr_shift_scale=3.0))
+    dpm = load_scheduler("dpm", variant="5b")
+    assert type(dpm).__name__ == "CogVideoXDPMScheduler" and dpm.config.snr_shift_scale == 1.0
+    assert all(dpm.config[k] == v for k, v in SCHEDULER_SETTINGS.items())
+    assert type(load_scheduler(saved[1], kind="dpm")).__name__ == "CogVideoXDPMScheduler"
+    with pytest.raises(ValueError, match="no published scheduler settings for variant 'custom'"):
+        load_scheduler("ddim", variant="custom")
+    with pytest.raises(FileNotFoundError, match="neither a scheduler kind"):
+        load_scheduler("euler")
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+def test_missing_path(tmp_path):
+    for load in (load_transformer, load_vae, load_t5, load_llm, load_pipeline, inspect):
+        with pytest.raises(FileNotFoundError, match="no such file or folder"):
+            load(tmp_path / "nowhere")
+
+
+def test_folder_of_no_known_layout(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a CogVideoX transformer"):
+        load_transformer(tmp_path)
+    with pytest.raises(ValueError, match="not a CogVideoX pipeline folder: it lacks transformer/, vae/"):
+        load_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="not an LLM folder"):
+        load_llm(tmp_path)
+    with pytest.raises(ValueError, match="not a known checkpoint folder"):
+        inspect(tmp_path)
+    save_file({"some.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a known checkpoint: keys such as some.weight"):
+        inspect(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="expected a transformer single file, but it holds no known component"):
+        load_transformer(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".ckpt"])
+def test_pickle_files_are_refused(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    torch.save(tiny_transformer("2b").state_dict(), path)
+    with pytest.raises(ValueError, match=rf"{suffix} files are pickled PyTorch checkpoints; Mimir loads .safetensors only"):
+        load_transformer(path)
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    good = tmp_path / "dit.safetensors"
+    save_single_file(tiny_transformer("2b"), good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    for path in (truncated, garbage):
+        with pytest.raises(ValueError, match="not a readable .safetensors file"):
+            load_transformer(path)
+        with pytest.raises(ValueError, match="not a readable .safetensors file"):
+            inspect(path)
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    model = tiny_transformer("2b")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    del state["norm_final.weight"]
+    state["extra.lora_A.weight"] = torch.zeros(2, 2)
+    state["proj_out.bias"] = torch.zeros(3)
+    path = tmp_path / "broken.safetensors"
+    save_file(state, str(path), metadata={"mimir_kind": "transformer", "config": model.to_json_string()})
+    with pytest.raises(ValueError) as err:
+        load_transformer(path)
+    message = str(err.value)
+    assert "1 missing: norm_final.weight" in message and "1 unexpected: extra.lora_A.weight" in message
+    assert "proj_out.bias [3] (expected [16])" in message
+
+
+def test_wrong_component_kind(saved):
+    _, folder = saved
+    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(ValueError, match="expected a transformer single file, but it holds a vae"):
+        load_transformer(vae_file)
+    with pytest.raises(ValueError, match="not a CogVideoX VAE"):
+        load_vae(folder / "transformer")
+
+
+def test_fuser_llm_dim_must_match_the_llm(saved, tmp_path):
+    _, folder = saved
+    fuser = TokenFuser(FuserConfig(t5_dim=32, llm_dim=64, text_len=16, stabilizer_tokens=0, instructions=()))
+    save_fuser(fuser, tmp_path / "fuser64.safetensors")
+    with pytest.raises(ValueError, match="hidden size 64 \\(llm_dim\\).*has hidden size 48"):
+        load_pipeline(folder, fuser_path=tmp_path / "fuser64.safetensors")
+
+
+def test_fuser_needs_an_llm(saved, tmp_path):
+    _, folder = saved
+    components = tiny_components("2b")
+    components.update(llm=None, llm_tokenizer=None)
+    save_pipeline(MimirPipeline(**components), tmp_path)
+    with pytest.raises(ValueError, match="not an LLM folder"):
+        load_pipeline(tmp_path)
+    assert load_pipeline(tmp_path, llm_path=folder / "llm").llm is not None
+
+
+def test_save_single_file_refuses_other_objects(tmp_path):
+    with pytest.raises(TypeError, match="cannot save a Linear"):
+        save_single_file(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="written as .safetensors"):
+        save_single_file(tiny_vae(), tmp_path / "x.ckpt")
+
+
+# ---- inspect ---------------------------------------------------------------------------------------------
+
+def test_inspect_files_and_folders(saved, tmp_path):
+    pipe, folder = saved
+    fuser = inspect(folder / "fuser.safetensors")
+    assert fuser["kind"] == "fuser" and fuser["config"]["llm_dim"] == 48 and fuser["config"]["stabilizer_tokens"] == 4
+    save_single_file(pipe.transformer, tmp_path / "dit.safetensors", vae_scaling_factor=1.15258426)
+    dit = inspect(tmp_path / "dit.safetensors")
+    assert (dit["kind"], dit["layout"], dit["variant"], dit["vae_scaling_factor"]) == \
+        ("transformer", "single-file", "custom", 1.15258426)
+    assert dit["dims"]["inner_dim"] == 32 and dit["dims"]["max_text_seq_length"] == 20
+    whole = inspect(folder)
+    assert whole["kind"] == "pipeline" and whole["mimir"] is True
+    assert set(whole["components"]) == {"transformer", "vae", "text_encoder", "scheduler", "llm", "fuser"}
+    assert whole["components"]["llm"]["dims"]["hidden_size"] == 48
+    assert inspect(folder / "llm")["kind"] == "llm" and inspect(folder / "vae")["kind"] == "vae"
+    json.dumps(whole)  # plain data for the CLI
+
+
+def test_single_file_fuser_and_demo_dir(saved, tmp_path):
+    pipe, _ = saved
+    save_single_file(pipe.fuser, tmp_path / "fuser.safetensors")
+    fuser, info = load_token_fuser(tmp_path / "fuser.safetensors", dtype="bf16")
+    assert info.dtype == "bfloat16" and fuser.z_beta.weight.dtype == torch.bfloat16
+    assert DEMO_MODEL_DIR.parts[-3:] == ("mimir", "demo", "model")
