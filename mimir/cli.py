@@ -54,11 +54,9 @@ def _load(args, device, dtype):
     from .offload import Placement
 
     placement = Placement(device, args.offload_device)
-    folder = args.model
-    if folder is None and not (args.transformer and args.vae):
-        if not DEMO_MODEL_DIR.is_dir():
-            return _smoke_pipeline(placement), "smoke"
-        folder = DEMO_MODEL_DIR
+    folder = args.model or (DEMO_MODEL_DIR if DEMO_MODEL_DIR.is_dir() else None)
+    if folder is None:
+        return _smoke_pipeline(placement), "smoke"
     pipe = load_pipeline(folder, dtype=dtype, device=args.offload_device, placement=placement,
                          fuser_path=args.fuser, llm_path=args.llm, trust_remote_code=args.trust_remote_code)
     if args.no_fuser:

@@ -643,7 +643,7 @@ def load_scheduler(path_or_kind, variant: str = "5b", kind: str | None = None):
 # ---- pipeline --------------------------------------------------------------------------------------------
 
 def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None = None, fuser_path=None,
-                  llm_path=None) -> MimirPipeline:
+                  llm_path=None, trust_remote_code: bool = False) -> MimirPipeline:
     """A MimirPipeline from a diffusers CogVideoX folder, plus llm/ and fuser.safetensors when present (or the
     paths given). Without a fuser it is plain CogVideoX. Models wait on the placement's offload device (default:
     `device`)."""
@@ -660,7 +660,7 @@ def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None 
     fuser = llm = llm_tokenizer = None
     if fuser_path is not None:
         fuser, _ = load_token_fuser(fuser_path, dtype, where)
-        llm, llm_tokenizer, _ = load_llm(llm_folder, dtype, where)
+        llm, llm_tokenizer, _ = load_llm(llm_folder, dtype, where, trust_remote_code=trust_remote_code)
     text_len = fuser.config.out_len if fuser is not None else T5_TEXT_LEN
     transformer, _ = load_transformer(root, dtype, where, text_len=text_len)
     vae, _ = load_vae(root, dtype, where)
