@@ -1,0 +1,240 @@
+"""`mimir cache`: VAE latents and T5 + LLM features of every clip, computed once, in safetensors shards.
+
+Layout of a cache folder:
+    meta.json                 what the features were made with (frames, size, stride, model, fuser config, ...)
+    shard-00000.safetensors   clips [0, S), S = cache_shard_size: "{i}.latent_params" [2C, T, h, w] (the VAE's
+                              mean and logvar), "{i}.t5", "{i}.llm", "{i}.llm_mask", "{i}.instructions"; the
+                              metadata lists each clip's video and caption, and the videos that were skipped
+    empty.safetensors         the empty prompt's features (text dropout for classifier-free guidance)
+    prompts.safetensors       the validation prompts' features, when there are any
+A shard is written to a temporary name and renamed, so an interrupted run leaves only whole shards; running the
+command again computes the missing ones. Several processes (accelerate launch) split the shards between them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..offload import Placement
+from ..pipeline import MimirPipeline
+from ..text import TextFeatures
+from ..video import VideoReadError
+from .config import TrainConfig
+from .data import Clip, load_clip, read_clips
+from .model import encode_latent_params, fuser_file, load_components, write_fresh_fuser
+
+logger = logging.getLogger(__name__)
+FORMAT = "mimir-train-cache"
+META, EMPTY, PROMPTS = "meta.json", "empty.safetensors", "prompts.safetensors"
+FEATURE_KEYS = ("t5", "llm", "llm_mask", "instructions")
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def cache_meta(config: TrainConfig, fuser_config, scaling_factor: float) -> dict:
+    """What must match between a cache and the run that reads (or resumes) it."""
+    return {"format": FORMAT, "data": str(config.data), "model": config.model, "num_frames": config.num_frames,
+            "height": config.height, "width": config.width, "frame_stride": config.frame_stride,
+            "shard_size": config.cache_shard_size, "seed": config.seed, "scaling_factor": scaling_factor,
+            "fuser_config": json.loads(fuser_config.to_json())}
+
+
+def read_meta(folder) -> dict:
+    path = Path(folder) / META
+    if not path.is_file():
+        raise ValueError(f"{folder} is not a feature cache (no {META}); build one with `mimir cache`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a Mimir feature cache")
+    return meta
+
+
+def check_meta(meta: dict, expected: dict, where) -> None:
+    different = [f"{k}: cache has {meta.get(k)!r}, this run {v!r}" for k, v in expected.items() if meta.get(k) != v]
+    if different:
+        raise ValueError(f"{where} was built with other settings: " + "; ".join(different))
+
+
+def feature_rows(features: TextFeatures) -> list[dict[str, torch.Tensor]]:
+    """A batch of features -> one dict per prompt, the LLM tokens cut to that prompt's real length."""
+    rows = []
+    for i in range(features.t5.shape[0]):
+        length = int(features.llm_mask[i].sum())
+        row = {"t5": features.t5[i], "llm": features.llm[i, :length], "llm_mask": features.llm_mask[i, :length]}
+        if features.instructions is not None:
+            row["instructions"] = features.instructions[i]
+        rows.append({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+                     for k, v in row.items()})
+    return rows
+
+
+def stack_features(rows: list[dict]) -> TextFeatures:
+    """One dict per prompt -> a batch, LLM tokens right-padded with mask 0 (as LLMTextEncoder pads)."""
+    longest = max(1, max(r["llm"].shape[0] for r in rows))
+    llm = torch.stack([F.pad(r["llm"], (0, 0, 0, longest - r["llm"].shape[0])) for r in rows])
+    mask = torch.stack([F.pad(r["llm_mask"], (0, longest - r["llm_mask"].shape[0])) for r in rows])
+    instructions = torch.stack([r["instructions"] for r in rows]) if "instructions" in rows[0] else None
+    return TextFeatures(torch.stack([r["t5"] for r in rows]), llm, mask, instructions)
+
+
+def save_rows(rows: list[dict], path: Path, metadata: dict[str, str]) -> None:
+    tensors = {f"{i}.{k}": v for i, row in enumerate(rows) for k, v in row.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, **metadata})
+    os.replace(tmp, path)
+
+
+def load_rows(path: Path) -> tuple[list[dict], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        rows: dict[int, dict] = {}
+        for key in f.keys():
+            i, name = key.split(".", 1)
+            rows.setdefault(int(i), {})[name] = f.get_tensor(key)
+    return [rows[i] for i in sorted(rows)], metadata
+
+
+# ---- building ------------------------------------------------------------------------------------------
+
+def build_cache(config: TrainConfig, components: dict | None = None, progress: bool = True) -> dict:
+    """Encode every clip of `config.data` into `config.cache`; skip shards already there. -> summary."""
+    if not config.data or not config.cache:
+        raise ValueError("mimir cache needs data= (the dataset) and cache= (the folder to write)")
+    state = PartialState(cpu=config.device == "cpu")
+    folder = Path(config.cache)
+    clips, skipped = read_clips(config.data)
+    if state.is_main_process and components is None and not config.model.startswith("tiny") \
+            and fuser_file(config, folder) is None:
+        write_fresh_fuser(config, folder)
+    state.wait_for_everyone()
+    path = fuser_file(config, folder)
+    parts = components or load_components(config, path)
+    pipe = MimirPipeline(**parts, placement=Placement(state.device, "cpu" if config.offload else state.device))
+    meta = cache_meta(config, pipe.fuser.config, float(pipe.vae.config.scaling_factor))
+    if state.is_main_process:
+        _start_folder(folder, meta)
+    state.wait_for_everyone()
+    shards = range((len(clips) + config.cache_shard_size - 1) // config.cache_shard_size)
+    todo = [k for k in shards[state.process_index::state.num_processes] if not (folder / shard_name(k)).exists()]
+    bar = tqdm(total=sum(len(_shard_clips(clips, k, config)) for k in todo), desc="caching", unit="clip",
+               disable=not (progress and state.is_main_process))
+    for k in todo:
+        _write_shard(pipe, config, _shard_clips(clips, k, config), folder / shard_name(k), bar)
+    bar.close()
+    if state.is_main_process:
+        _write_prompts(pipe, config, folder)
+    state.wait_for_everyone()
+    summary = describe_cache(folder)
+    summary["skipped"] = {**skipped, **summary["skipped"]}
+    return summary
+
+
+def _start_folder(folder: Path, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / META).exists():
+        check_meta(read_meta(folder), meta, folder)
+        return
+    tmp = folder / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, folder / META)
+
+
+def _shard_clips(clips: list[Clip], k: int, config: TrainConfig) -> list[Clip]:
+    return clips[k * config.cache_shard_size:(k + 1) * config.cache_shard_size]
+
+
+def _write_shard(pipe, config: TrainConfig, clips: list[Clip], path: Path, bar) -> None:
+    rows, entries, skipped = [], [], {}
+    for clip in clips:
+        bar.update(1)
+        try:
+            pixels = load_clip(clip, config.num_frames, config.height, config.width, config.frame_stride)
+        except VideoReadError as error:
+            logger.warning("skipping video %s: %s", clip.video, error)
+            skipped[str(clip.video)] = str(error)
+            continue
+        row = feature_rows(pipe.encode_features([clip.caption], seed=config.seed))[0]
+        row["latent_params"] = encode_latent_params(pipe, pixels[None])[0].cpu()
+        rows.append(row)
+        entries.append({"video": str(clip.video), "caption": clip.caption})
+    save_rows(rows, path, {"clips": json.dumps(entries), "skipped": json.dumps(skipped)})
+
+
+def _write_prompts(pipe, config: TrainConfig, folder: Path) -> None:
+    """The empty prompt (text dropout, unconditional validation) and the validation prompts."""
+    if not (folder / EMPTY).exists():
+        save_rows(feature_rows(pipe.encode_features([""], seed=config.seed)), folder / EMPTY, {})
+    prompts = list(config.validation_prompts)
+    if prompts and cached_prompts(folder) != prompts:
+        rows = feature_rows(pipe.encode_features(prompts, seed=config.seed))
+        save_rows(rows, folder / PROMPTS, {"prompts": json.dumps(prompts)})
+
+
+def cached_prompts(folder: Path) -> list[str]:
+    if not (Path(folder) / PROMPTS).exists():
+        return []
+    with safe_open(str(Path(folder) / PROMPTS), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("prompts", "[]"))
+
+
+def describe_cache(folder) -> dict:
+    """Clips and skipped videos over all shards (read from their headers only)."""
+    meta = read_meta(folder)
+    clips, skipped, shards = 0, {}, sorted(Path(folder).glob("shard-*.safetensors"))
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            metadata = f.metadata() or {}
+        clips += len(json.loads(metadata.get("clips", "[]")))
+        skipped.update(json.loads(metadata.get("skipped", "{}")))
+    return {"cache": str(folder), "shards": len(shards), "clips": clips, "skipped": skipped, "meta": meta}
+
+
+# ---- reading -------------------------------------------------------------------------------------------
+
+class CachedDataset(Dataset):
+    """The clips of a cache folder; items as VideoDataset's, with latents and features instead of pixels."""
+
+    def __init__(self, folder):
+        self.folder, self.meta = Path(folder), read_meta(folder)
+        self.entries = []  # (shard path, row index, caption)
+        for shard in sorted(self.folder.glob("shard-*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                clips = json.loads((f.metadata() or {}).get("clips", "[]"))
+            self.entries += [(shard, i, clip["caption"]) for i, clip in enumerate(clips)]
+        if not self.entries:
+            raise ValueError(f"the cache {folder} holds no clips (did `mimir cache` finish?)")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, position = key
+        shard, i, caption = self.entries[index]
+        with safe_open(str(shard), framework="pt") as f:
+            names = [n for n in FEATURE_KEYS if f"{i}.{n}" in f.keys()]
+            features = {n: f.get_tensor(f"{i}.{n}") for n in names}
+            latent_params = f.get_tensor(f"{i}.latent_params")
+        return {"position": position, "latent_params": latent_params, "features": features, "caption": caption}
+
+    def empty_prompt(self) -> dict:
+        return load_rows(self.folder / EMPTY)[0][0]
+
+    def prompt_rows(self, prompts: list[str]) -> list[dict]:
+        if cached_prompts(self.folder) != list(prompts):
+            raise ValueError(f"the cache {self.folder} holds features for the validation prompts "
+                             f"{cached_prompts(self.folder)}, not {list(prompts)}: run `mimir cache` again with "
+                             f"these validation_prompts (it only encodes the prompts)")
+        return load_rows(self.folder / PROMPTS)[0]

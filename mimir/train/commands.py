@@ -1,0 +1,88 @@
+"""`mimir train` and `mimir cache`: argument parsing and the checks that run before any work.
+
+    mimir train --config FILE [--resume [CHECKPOINT]] [key=value ...]
+    mimir cache --config FILE [key=value ...]
+
+Both read a TrainConfig (YAML or JSON; every field can be overridden as key=value). Multi-process runs start
+the same commands under `accelerate launch` (e.g. `accelerate launch -m mimir.train --config FILE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import TrainConfig, load_config
+
+
+def _fields_help() -> str:
+    rows = [f"  {f.name} = {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
+            for f in dataclasses.fields(TrainConfig)]
+    return "config fields (defaults):\n" + "\n".join(rows)
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=_fields_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig fields")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field")
+    return parser
+
+
+def check_paths(config: TrainConfig, command: str) -> None:
+    """Inputs that must exist before `command` ("train" or "cache") loads anything."""
+    from .cache import read_meta
+
+    if not config.model.startswith("tiny") and not Path(config.model).exists():
+        raise ValueError(f"model {config.model}: no such folder")
+    for name in ("llm", "fuser", "data"):
+        value = getattr(config, name)
+        if value and not Path(value).exists():
+            raise ValueError(f"{name} {value}: no such file or folder")
+    if command == "cache":
+        if not config.data or not config.cache:
+            raise ValueError("mimir cache needs data= (the dataset) and cache= (the folder to write)")
+    elif config.cache:
+        read_meta(config.cache)
+    elif not config.data:
+        raise ValueError("mimir train needs data= (a dataset) or cache= (a feature cache from `mimir cache`)")
+
+
+def main_train(argv: list[str] | None = None) -> int:
+    """`mimir train`: exit code 0, or 2 (argparse's) for a refused config before any work."""
+    parser = _parser("mimir train", "Train the Mimir token fuser and the CogVideoX DiT end-to-end.")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue the run in output_dir from its newest checkpoint (or the one given)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, args.overrides + ([f"resume={args.resume}"] if args.resume else []))
+        check_paths(config, "train")
+    except ValueError as error:
+        parser.error(str(error))
+    from .loop import train
+
+    summary = train(config)
+    shown = {k: summary[k] for k in ("run_dir", "steps", "first_loss", "final_loss", "skipped_videos", "checkpoint",
+                                     "export", "loss_curve", "steps_per_second")}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def main_cache(argv: list[str] | None = None) -> int:
+    """`mimir cache`: exit code 0, or 2 for a refused config before any work."""
+    parser = _parser("mimir cache", "Precompute VAE latents and T5 + LLM features into a resumable cache folder.")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        check_paths(config, "cache")
+    except ValueError as error:
+        parser.error(str(error))
+    from .cache import build_cache
+
+    summary = build_cache(config)
+    print(json.dumps({k: summary[k] for k in ("cache", "shards", "clips")} | {"skipped_videos": len(summary["skipped"])},
+                     indent=2))
+    return 0

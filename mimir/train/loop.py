@@ -1,0 +1,347 @@
+"""The training loop: end-to-end Mimir training of the token fuser and the DiT, one CPU to many GPUs.
+
+Objective (CogVideoX's own, with the inference scheduler object): for a clip's latents x0 (VAE sample times
+the VAE scaling factor, diffusers order [B, T, C, h, w]) draw t uniform in [0, 1000) and noise e, then
+    x_t = scheduler.add_noise(x0, e, t),   v = scheduler.get_velocity(x0, e, t),
+    loss = MSE(DiT(x_t, t, fuser(features)), v).
+CogVideoX's finetune scripts write the loss in x0 space weighted by 1/(1 - alpha_bar_t); since
+x0_pred - x0 = -sqrt(1 - alpha_bar_t) (v_pred - v), that is exactly this plain MSE on v.
+
+Every random draw of a sample (text dropout, t, the VAE sample, the noise) comes from a generator seeded by
+(seed, sample position), and positions are dealt out by data.GlobalOrder; so the trajectory does not depend on
+the number of processes (for the same global batch) or on where a run was stopped and resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object, set_seed
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..offload import Placement
+from ..pipeline import MimirPipeline, rotary_embeddings
+from ..video import write_video
+from .cache import CachedDataset, check_meta, describe_cache, feature_rows, stack_features
+from .checkpoint import (list_checkpoints, load_checkpoint, register_weight_hooks, remove_partial, resolve_resume,
+                         save_checkpoint)
+from .config import TrainConfig
+from .data import GlobalOrder, VideoDataset, collate, read_clips
+from .export import export_model
+from .metrics import Metrics
+from .model import (Denoiser, LRSchedule, cast, describe_trainable, encode_latent_params, fuser_file, load_components,
+                    make_optimizer, setup_trainable, trainable_parameters, weight_dtype, write_fresh_fuser)
+
+logger = logging.getLogger(__name__)
+StepHook = Callable[[int, float], None]  # (step done, loss) after each optimizer step; may raise to stop
+
+
+def train(config: TrainConfig, components: dict | None = None, on_step: StepHook | None = None,
+          progress: bool = True) -> dict:
+    """Train (or resume) the run in `config.output_dir`. `components`: MimirPipeline keyword arguments to use
+    instead of loading `config.model`. -> run summary (also written to summary.json)."""
+    started = time.perf_counter()
+    run_dir = Path(config.output_dir)
+    accelerator = make_accelerator(config)
+    resume_from = start_run(accelerator, config, run_dir)
+    set_seed(config.seed)
+
+    # ---- data, models, optimizer ----
+    dataset, skipped = open_dataset(config)
+    pipe = open_pipeline(accelerator, config, components, run_dir)
+    scaling = check_features(config, dataset, pipe)
+    empty_row = dataset.empty_prompt() if isinstance(dataset, CachedDataset) else None
+    prompts = validation_features(config, dataset, pipe, empty_row)
+    denoiser = Denoiser(pipe.fuser, pipe.transformer)
+    setup_trainable(denoiser, config)
+    denoiser.to(accelerator.device)
+    optimizer = make_optimizer(denoiser, config)
+    schedule = LRSchedule(config.warmup_steps, config.max_steps, config.lr_schedule)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if accelerator.state.deepspeed_plugin is not None:  # no prepared data loader to read the batch size from
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    params = trainable_parameters(denoiser)
+    ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None
+    accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
+    register_weight_hooks(accelerator)
+
+    # ---- resume ----
+    start_step = 0
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        start_step, skipped = state["step"], {**skipped, **state["skipped"]}
+        if state["global_batch"] != config.batch_size * accelerator.num_processes:
+            logger.warning("resuming with a global batch of %d instead of %d: the sample order changes",
+                           config.batch_size * accelerator.num_processes, state["global_batch"])
+        logger.info("resumed from %s at step %d", resume_from, start_step)
+    order = GlobalOrder(len(dataset), config.batch_size, accelerator.process_index, accelerator.num_processes,
+                        config.seed, start=start_step * config.grad_accum)
+    batches = iter(DataLoader(dataset, batch_size=config.batch_size, sampler=order, collate_fn=collate,
+                              num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda"))
+
+    # ---- the loop ----
+    metrics = Metrics(run_dir, start_step, accelerator.is_main_process, config.tensorboard)
+    bar = tqdm(total=config.max_steps, initial=start_step, desc="training", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    losses, checkpoint, loop_start = [], None, time.perf_counter()
+    for step in range(start_step, config.max_steps):
+        step_losses, grad_norm = [], None
+        for _ in range(config.grad_accum):
+            batch = next(batches)
+            skipped.update(batch["skipped"])
+            with accelerator.accumulate(model):
+                loss = diffusion_loss(model, pipe, batch, config, empty_row, scaling, accelerator.device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_losses.append(loss.detach())
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(params)
+        loss = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
+        losses.append((step + 1, loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{config.lr * schedule(step):.3g}")
+        done = step + 1
+        if done % config.log_every == 0 or done == config.max_steps:
+            fuser_lr = config.lr if config.fuser_lr is None else config.fuser_lr
+            metrics.log(done, {"loss": loss, "lr": config.lr * schedule(step), "fuser_lr": fuser_lr * schedule(step),
+                               "grad_norm": None if grad_norm is None else float(grad_norm),
+                               "seconds": time.perf_counter() - started})
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps:
+            skipped = all_skipped(accelerator, skipped)
+            checkpoint = save_checkpoint(accelerator, run_dir, done, run_state(config, accelerator, done, skipped),
+                                         config.keep_checkpoints)
+            metrics.plot()
+        if config.validate_every and done % config.validate_every == 0:
+            validate(accelerator, pipe, config, prompts, done, run_dir, ema, params)
+        if on_step is not None:
+            on_step(done, loss)
+    bar.close()
+    del batches  # stops the loader's worker processes
+    loop_seconds = time.perf_counter() - loop_start
+
+    # ---- the end ----
+    exported = None
+    if config.export and start_step < config.max_steps:
+        exported = export(accelerator, pipe, config, run_dir, ema, params)
+    metrics.close()
+    steps_run = config.max_steps - start_step
+    summary = {
+        "run_dir": str(run_dir), "start_step": start_step, "steps": config.max_steps, "processes":
+            accelerator.num_processes, "global_batch": config.batch_size * accelerator.num_processes * config.grad_accum,
+        "first_loss": losses[0][1] if losses else None, "final_loss": losses[-1][1] if losses else None,
+        "losses": losses, "skipped_videos": len(skipped), "skipped": skipped, "trainable": describe_trainable(denoiser),
+        "checkpoint": str(checkpoint) if checkpoint else None, "export": exported, "loss_curve": str(run_dir / "loss.png"),
+        "seconds": time.perf_counter() - started, "steps_per_second": steps_run / loop_seconds if steps_run else None,
+    }
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+# ---- set-up ----------------------------------------------------------------------------------------------
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available")
+    cpu = config.device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+
+
+def start_run(accelerator: Accelerator, config: TrainConfig, run_dir: Path) -> Path | None:
+    """Refuse to mix a fresh run into an old one; save the resolved config. -> the checkpoint to resume."""
+    resume_from = resolve_resume(run_dir, config.resume)
+    if config.resume is None and list_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints: pass resume=latest (--resume) to continue that run, "
+                         f"or choose another output_dir")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial(run_dir)
+        config.save(run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return resume_from
+
+
+def open_dataset(config: TrainConfig):
+    """-> (VideoDataset or CachedDataset, videos skipped so far {path: reason})."""
+    if config.cache:
+        return CachedDataset(config.cache), describe_cache(config.cache)["skipped"]
+    clips, skipped = read_clips(config.data)
+    return VideoDataset(clips, config.num_frames, config.height, config.width, config.frame_stride), skipped
+
+
+def open_pipeline(accelerator: Accelerator, config: TrainConfig, components: dict | None, run_dir: Path):
+    """The pipeline whose fuser and DiT train. Frozen encoders take the autocast dtype and, with `offload`,
+    wait on the CPU between their stages. From a cache, no T5 or LLM is loaded, and a VAE only to validate."""
+    cached = config.cache is not None
+    fresh_dir = config.cache if cached else run_dir
+    if components is None and not config.model.startswith("tiny") and fuser_file(config, fresh_dir) is None:
+        if accelerator.is_main_process:
+            write_fresh_fuser(config, run_dir)
+        accelerator.wait_for_everyone()
+        fresh_dir = run_dir
+    parts = dict(components) if components is not None else \
+        load_components(config, fuser_file(config, fresh_dir), encoders=not cached, vae=not cached or config.validate_every > 0)
+    device = accelerator.device
+    placement = Placement(device, "cpu" if config.offload else device)
+    for name in ("text_encoder", "llm", "vae"):
+        if parts.get(name) is not None:
+            cast(parts[name], weight_dtype(config)).to(placement.offload_device).requires_grad_(False)
+    return MimirPipeline(**parts, placement=placement)
+
+
+def check_features(config: TrainConfig, dataset, pipe: MimirPipeline) -> float:
+    """A cache must match the run (video size, fuser config, VAE). -> the VAE scaling factor."""
+    if not isinstance(dataset, CachedDataset):
+        return float(pipe.vae.config.scaling_factor)
+    meta = dataset.meta
+    expected = {"num_frames": config.num_frames, "height": config.height, "width": config.width,
+                "frame_stride": config.frame_stride, "fuser_config": json.loads(pipe.fuser.config.to_json())}
+    if pipe.vae is not None:
+        expected["scaling_factor"] = float(pipe.vae.config.scaling_factor)
+    check_meta(meta, expected, f"the cache {config.cache}")
+    return float(meta["scaling_factor"])
+
+
+def validation_features(config: TrainConfig, dataset, pipe: MimirPipeline, empty_row):
+    """Features of "" followed by the validation prompts (encoded once, or read from the cache)."""
+    if not config.validate_every:
+        return None
+    if isinstance(dataset, CachedDataset):
+        return stack_features([empty_row] + dataset.prompt_rows(config.validation_prompts))
+    return pipe.encode_features([""] + list(config.validation_prompts), seed=config.seed)
+
+
+def run_state(config: TrainConfig, accelerator: Accelerator, step: int, skipped: dict) -> dict:
+    return {"step": step, "micro_batches": step * config.grad_accum,
+            "global_batch": config.batch_size * accelerator.num_processes, "skipped": skipped,
+            "config": config.to_dict()}
+
+
+def all_skipped(accelerator: Accelerator, skipped: dict) -> dict:
+    if accelerator.num_processes == 1:
+        return skipped
+    return {k: v for part in gather_object([skipped]) for k, v in part.items()}
+
+
+def sharded(accelerator: Accelerator) -> bool:
+    """FSDP and ZeRO-3 split the weights: the unwrapped modules do not hold them."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+# ---- one step --------------------------------------------------------------------------------------------
+
+def sample_generator(seed: int, position: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, position)))
+
+
+def diffusion_loss(model, pipe: MimirPipeline, batch: dict, config: TrainConfig, empty_row, scaling: float,
+                   device) -> torch.Tensor:
+    """The v-prediction MSE of one micro-batch (see the module docstring)."""
+    generators = [sample_generator(config.seed, p) for p in batch["position"]]
+    drop = [bool(torch.rand((), generator=g) < config.text_dropout) for g in generators]
+    timesteps = torch.stack([torch.randint(0, pipe.scheduler.config.num_train_timesteps, (), generator=g)
+                             for g in generators]).to(device)
+    latents, features = batch_inputs(pipe, batch, drop, generators, empty_row, scaling, config, device)
+    noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    target = pipe.scheduler.get_velocity(latents, noise, timesteps)
+    rotary = rotary_embeddings(pipe.transformer.config, config.height, config.width, latents.shape[1], device)
+    pred = model(features.t5, features.llm, features.llm_mask, features.instructions, noisy, timesteps, rotary)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def batch_inputs(pipe: MimirPipeline, batch: dict, drop: list[bool], generators, empty_row, scaling: float,
+                 config: TrainConfig, device):
+    """-> (latents [B, T, C, h, w] in diffusion space, text features); a dropped caption becomes ""."""
+    if "pixels" in batch:
+        params = encode_latent_params(pipe, batch["pixels"])
+        captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
+        features = pipe.encode_features(captions, seed=config.seed)
+    else:
+        params = batch["latent_params"]
+        features = stack_features([empty_row if d else f for d, f in zip(drop, batch["features"])])
+    latents = DiagonalGaussianDistribution(params.to(device)).sample(generators) * scaling
+    latents = latents.permute(0, 2, 1, 3, 4)
+    patch_t = pipe.transformer.config.patch_size_t
+    extra = 0 if patch_t is None else (-latents.shape[1]) % patch_t
+    if extra:  # CogVideoX 1.5: pad the frames to the temporal patch as the pipeline does
+        latents = torch.cat([latents[:, :extra], latents], dim=1)
+    return latents, features.to(device)
+
+
+# ---- validation and export -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def ema_weights(ema, params):
+    """Swap the EMA weights in for the duration of the block."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def validate(accelerator: Accelerator, pipe: MimirPipeline, config: TrainConfig, features, step: int, run_dir: Path,
+             ema, params) -> list[Path]:
+    """Videos of the validation prompts with the live fuser and DiT (main process)."""
+    if sharded(accelerator):
+        logger.warning("validation videos need unsharded weights (DDP or ZeRO-2); skipped under FSDP / ZeRO-3")
+        return []
+    paths = []
+    if accelerator.is_main_process:
+        live = MimirPipeline(pipe.transformer, pipe.vae, type(pipe.scheduler).from_config(pipe.scheduler.config),
+                             fuser=pipe.fuser, placement=Placement(accelerator.device, accelerator.device))
+        modules = (pipe.fuser, pipe.transformer)
+        for m in modules:
+            m.eval()
+        with ema_weights(ema, params), torch.no_grad(), accelerator.autocast():
+            fused = live.fuse(features)
+            uncond, cond = fused[:1].expand(fused.shape[0] - 1, -1, -1), fused[1:]
+            latents = live.denoise(cond, uncond, config.num_frames, config.height, config.width,
+                                   config.validation_steps, config.validation_guidance, config.seed)
+            with pipe.placement.stage(pipe.vae):
+                frames = live.decode(latents)
+        for m in modules:
+            m.train()
+        for i, video in enumerate(frames):
+            paths.append(write_video(video, run_dir / "validation" / f"step-{step:08d}-{i}.mp4", config.validation_fps))
+    accelerator.wait_for_everyone()
+    return paths
+
+
+def export(accelerator: Accelerator, pipe: MimirPipeline, config: TrainConfig, run_dir: Path, ema, params):
+    if sharded(accelerator):
+        logger.warning("export needs unsharded weights (DDP or ZeRO-2); under FSDP / ZeRO-3 use the checkpoints")
+        return None
+    exported = None
+    if accelerator.is_main_process:
+        with ema_weights(ema, params):
+            exported = export_model(pipe, config, run_dir / "export")
+    accelerator.wait_for_everyone()
+    return exported
