@@ -1,0 +1,214 @@
+"""Video nodes: the Mimir sampler (CogVideoX denoising with CFG), the VAE decoder and encoder.
+
+LATENT holds `{"samples": [B, C, T, H/8, W/8]}` in ComfyUI's video order and in VAE space (unscaled); the
+library works in diffusers order [B, T, C, H, W] and diffusion space (VAE latent x scaling factor), and these
+nodes convert between the two. IMAGE is `[F, H, W, 3]` in 0..1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..mimir.loading import SCHEDULERS
+from ..mimir.offload import module_dtype
+from ..mimir.pipeline import VAE_SPATIAL, VAE_TEMPORAL, MimirPipeline, check_video_size
+from . import comfy_services as services
+
+CATEGORY = "Mimir/sampling"
+
+
+def _text_stream(cond, input_name: str, model) -> torch.Tensor:
+    """CONDITIONING -> its [1, tokens, width] tensor, checked against what the transformer reads."""
+    if not isinstance(cond, (list, tuple)) or not cond or not torch.is_tensor(cond[0][0]):
+        raise ValueError(f"{input_name}: expected CONDITIONING ([[tensor, dict]]), got {type(cond).__name__}")
+    if len(cond) != 1:
+        raise ValueError(f"{input_name}: {len(cond)} conditioning entries (combined conditionings?); the Mimir "
+                         f"Sampler takes exactly one")
+    stream = cond[0][0]
+    config = model.transformer.config
+    if stream.ndim != 3 or stream.shape[0] != 1 or stream.shape[-1] != config.text_embed_dim:
+        raise ValueError(f"{input_name}: conditioning of shape {list(stream.shape)}, but this model reads "
+                         f"[1, tokens, {config.text_embed_dim}]; connect Mimir Text Encode or Mimir T5 Text Encode "
+                         f"made with this model's T5 (CLIP Text Encode does not fit)")
+    if model.info.dims["positional_embeddings"] != "rotary" and stream.shape[1] != config.max_text_seq_length:
+        raise ValueError(f"{input_name}: {stream.shape[1]} text tokens, but this model has {model.info.dims['positional_embeddings']} "
+                         f"positions for exactly {config.max_text_seq_length} text tokens (CogVideoX-2B style); use "
+                         f"the encoder this model was trained with")
+    return stream
+
+
+def _init_latents(latent, model, frames: int, height: int, width: int) -> torch.Tensor:
+    """LATENT (VAE space, [B, C, T, h, w]) -> diffusion-space latents [B, T, C, h, w] for the requested video."""
+    samples = latent["samples"] if isinstance(latent, dict) and "samples" in latent else None
+    want = [model.transformer.config.in_channels, (frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL,
+            width // VAE_SPATIAL]
+    if not torch.is_tensor(samples) or samples.ndim != 5 or list(samples.shape[1:]) != want:
+        got = list(samples.shape) if torch.is_tensor(samples) else type(latent).__name__
+        raise ValueError(f"latent: got {got} but width {width}, height {height}, frames {frames} need video latents "
+                         f"[B, {', '.join(map(str, want))}] ([B, C, T, H/8, W/8]); set the size to the input video's")
+    return samples.float().permute(0, 2, 1, 3, 4) * model.info.vae_scaling_factor
+
+
+class MimirSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MIMIR_MODEL", {"tooltip": "The CogVideoX transformer, from Mimir Model Loader."}),
+                "positive": ("CONDITIONING", {"tooltip": "What the video should show (Mimir Text Encode or Mimir T5 "
+                                                         "Text Encode)."}),
+                "negative": ("CONDITIONING", {"tooltip": "What it should not show; encode it with the same kind of "
+                                                         "node as positive (an empty prompt is usual)."}),
+                "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16,
+                                  "tooltip": "Video width in pixels, a multiple of 16 (CogVideoX: 720)."}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
+                                   "tooltip": "Video height in pixels, a multiple of 16 (CogVideoX: 480)."}),
+                "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
+                                   "tooltip": "Number of frames, 4k+1 (CogVideoX: 49, CogVideoX 1.5: 81)."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+                "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale; 1 or less skips the negative pass."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the initial noise (drawn on the CPU, so the same on every device)."}),
+                "scheduler": (list(SCHEDULERS), {"default": "ddim",
+                                                 "tooltip": "CogVideoX's DDIM or DPM scheduler, with the model's own "
+                                                            "noise settings."}),
+                "dynamic_cfg": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Raise the guidance scale over the steps (CogVideoX's "
+                                                       "use_dynamic_cfg; its demos use it with dpm)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "With an input latent: how much of it to re-generate (1.0 ignores "
+                                                 "it). Without one it has no effect."}),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "Optional video latent to start from (video-to-video), e.g. from "
+                                                 "Mimir VAE Encode; its size must match width, height and frames."}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Video latents [B, C, T, H/8, W/8] in VAE space, for Mimir Decode.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Generates a video latent with the CogVideoX transformer from Mimir (or plain T5) conditioning."
+
+    def sample(self, model, positive, negative, width, height, frames, steps, cfg, seed, scheduler, dynamic_cfg,
+               denoise, latent=None):
+        check_video_size(frames, height, width)  # its messages name frames / height / width
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler: must be one of {list(SCHEDULERS)}, got {scheduler!r}")
+        cond = _text_stream(positive, "positive", model)
+        uncond = _text_stream(negative, "negative", model) if cfg > 1.0 else None
+        if uncond is not None and uncond.shape != cond.shape:
+            raise ValueError(f"negative: {list(uncond.shape)} but positive is {list(cond.shape)}; encode both with "
+                             f"the same kind of node and fuser")
+        init = None if latent is None else _init_latents(latent, model, frames, height, width)
+        if init is not None:
+            cond = cond.expand(init.shape[0], -1, -1)
+            uncond = None if uncond is None else uncond.expand(init.shape[0], -1, -1)
+        pipe = MimirPipeline(model.transformer, None, model.scheduler, placement=services.placement())
+        pipe.use_scheduler(scheduler)
+        bar = services.progress_bar(steps)
+
+        def on_step(done, total, _latents):
+            services.check_interrupted()
+            bar.update_absolute(done, total)
+
+        services.check_interrupted()
+        latents = pipe.denoise(cond, uncond, frames, height, width, steps, cfg, seed, dynamic_cfg, latents=init,
+                               strength=denoise if init is not None else 1.0, callback=on_step)
+        samples = (latents.float() / model.info.vae_scaling_factor).permute(0, 2, 1, 3, 4).cpu()
+        return ({"samples": samples.contiguous()},)
+
+
+def _vae_space_latents(latent, vae) -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    channels = vae.config.latent_channels
+    if not torch.is_tensor(samples) or samples.ndim != 5 or samples.shape[1] != channels:
+        got = list(samples.shape) if torch.is_tensor(samples) else type(latent).__name__
+        raise ValueError(f"samples: expected a CogVideoX video latent [B, {channels}, T, H, W] (from the Mimir "
+                         f"Sampler), got {got}")
+    return samples
+
+
+def tiles_fit(vae) -> bool:
+    """diffusers' tiled CogVideoX decode is exact only when its latent tile stride, in pixels, equals the pixel
+    rows each tile keeps. The published VAE's tiles (240 x 360 px) fit; small VAEs (sample size 32 gives 16 px
+    tiles) do not, and tiled decoding would return frames of the wrong size, so those decode whole."""
+    up = 2 ** (len(vae.config.block_out_channels) - 1)
+    for latent_tile, pixel_tile, overlap in ((vae.tile_latent_min_height, vae.tile_sample_min_height,
+                                              vae.tile_overlap_factor_height),
+                                             (vae.tile_latent_min_width, vae.tile_sample_min_width,
+                                              vae.tile_overlap_factor_width)):
+        if int(latent_tile * (1 - overlap)) * up != pixel_tile - int(pixel_tile * overlap):
+            return False
+    return True
+
+
+class MimirDecode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("MIMIR_VAE", {"tooltip": "The CogVideoX VAE, from Mimir VAE Loader."}),
+            "samples": ("LATENT", {"tooltip": "Video latents from the Mimir Sampler."}),
+            "tiling": ("BOOLEAN", {"default": True,
+                                   "tooltip": "Decode in overlapping, blended tiles: much less memory at 720x480. "
+                                              "VAEs whose tiles do not fit the tiling scheme (small demo VAEs) "
+                                              "decode whole anyway."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The frames [F, H, W, 3] in 0..1, for Create Video / Save Video or Save Animated WEBP.",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Decodes video latents into frames with the CogVideoX VAE."
+
+    def decode(self, vae, samples, tiling):
+        z = _vae_space_latents(samples, vae).float().permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
+        services.check_interrupted()
+        bar = services.progress_bar(1)
+        frames = MimirPipeline(None, vae, None, placement=services.placement()).decode(
+            z, tiling=tiling and tiles_fit(vae))
+        bar.update_absolute(1, 1)
+        return (frames.reshape(-1, *frames.shape[2:]),)
+
+
+class MimirVAEEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("MIMIR_VAE", {"tooltip": "The CogVideoX VAE, from Mimir VAE Loader."}),
+            "images": ("IMAGE", {"tooltip": "Video frames [F, H, W, C] in 0..1: 4k+1 frames, sides multiples of 16."}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Video latents [1, C, T, H/8, W/8] in VAE space, for the Mimir Sampler's latent input.",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Encodes frames into CogVideoX video latents (the VAE's mean), for video-to-video sampling."
+
+    @torch.no_grad()
+    def encode(self, vae, images):
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[-1] < 3:
+            raise ValueError(f"images: expected IMAGE frames [F, H, W, 3], got "
+                             f"{list(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+        try:
+            check_video_size(*images.shape[:3])
+        except ValueError as exc:
+            raise ValueError(f"images: {exc}") from exc
+        video = images[..., :3].permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1  # [1, 3, F, H, W] in -1..1
+        with services.placement().stage(vae) as device:
+            z = vae.encode(video.to(device=device, dtype=module_dtype(vae))).latent_dist.mode()
+        return ({"samples": z.float().cpu()},)
+
+
+NODE_CLASS_MAPPINGS = {
+    "MimirSampler": MimirSampler,
+    "MimirDecode": MimirDecode,
+    "MimirVAEEncode": MimirVAEEncode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MimirSampler": "Mimir Sampler",
+    "MimirDecode": "Mimir Decode",
+    "MimirVAEEncode": "Mimir VAE Encode",
+}

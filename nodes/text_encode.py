@@ -1,0 +1,205 @@
+"""Prompt nodes: Mimir text encode (T5 + LLM + token fuser), T5-only encode (plain CogVideoX), and saving /
+reloading the frozen encoders' features so the LLM need not be loaded on every run.
+
+CONDITIONING is ComfyUI's `[[tensor [1, tokens, width], {...}]]`; the tensor is the DiT's text stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from ..mimir.loading import T5_TEXT_LEN
+from ..mimir.text import LLMTextEncoder, TextFeatures, encode_t5
+from . import comfy_services as services
+
+CATEGORY = "Mimir/conditioning"
+
+
+def conditioning(stream: torch.Tensor, kind: str) -> list:
+    """[1, tokens, width] text stream -> ComfyUI CONDITIONING. `kind` says which encoder made it."""
+    return [[stream.detach().float().cpu(), {"mimir_encoder": kind}]]
+
+
+def _instructions(text: str, config) -> tuple[str, ...]:
+    """One instruction per non-empty line; empty text keeps the fuser's own instructions."""
+    lines = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not lines:
+        return config.instructions
+    if len(lines) != config.stabilizer_tokens:
+        raise ValueError(f"instructions: {len(lines)} lines given but this fuser has {config.stabilizer_tokens} "
+                         f"instruction tokens; give one instruction per line, or leave it empty for the fuser's own")
+    return lines
+
+
+def _encoder_config(fuser, answer_tokens: int, instructions: str):
+    config = fuser.config
+    return dataclasses.replace(config, answer_tokens=config.answer_tokens if answer_tokens < 0 else answer_tokens,
+                               instructions=_instructions(instructions, config))
+
+
+def _check_widths(t5, llm, fuser) -> None:
+    cfg = fuser.config
+    if t5.info.dims["d_model"] != cfg.t5_dim:
+        raise ValueError(f"t5: this T5 encoder is {t5.info.dims['d_model']} wide but the fuser expects "
+                         f"t5_dim={cfg.t5_dim}")
+    hidden = llm.model.config.hidden_size
+    if hidden != cfg.llm_dim:
+        raise ValueError(f"llm: this LLM has hidden size {hidden} but the fuser was trained for llm_dim="
+                         f"{cfg.llm_dim}; load the LLM the fuser was trained with")
+
+
+@torch.no_grad()
+def fuse(fuser, features: TextFeatures) -> torch.Tensor:
+    """Encoded features -> the DiT's text stream, on the compute device only for the fuser's stage."""
+    with services.placement().stage(fuser) as device:
+        f = features.to(device=device)
+        return fuser(f.t5, f.llm, f.llm_mask, f.instructions).cpu()
+
+
+class MimirTextEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "t5": ("MIMIR_T5", {"tooltip": "The T5 encoder, from Mimir T5 Loader."}),
+            "llm": ("MIMIR_LLM", {"tooltip": "The LLM the fuser was trained with, from Mimir LLM Loader."}),
+            "fuser": ("MIMIR_FUSER", {"tooltip": "The token fuser, from Mimir Token Fuser Loader."}),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                  "tooltip": "The text to encode. For a negative prompt use a second node (an empty "
+                                             "prompt is fine): it goes through the whole fuser as well."}),
+            "answer_tokens": ("INT", {
+                "default": -1, "min": -1, "max": 512,
+                "tooltip": "How many tokens the LLM generates after the prompt (its 'imagination'), whose hidden "
+                           "states are fused too. -1 uses the number the fuser was trained with; 0 disables."}),
+            "instructions": ("STRING", {
+                "multiline": True, "default": "",
+                "tooltip": "Override the instruction prompts behind the stabilizer tokens, one per line (as many "
+                           "lines as the fuser has instruction tokens, usually 4). Empty uses the fuser's own."}),
+            "answer_seed": ("INT", {
+                "default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "tooltip": "Seed for the answer tokens when the fuser samples them; fusers trained with greedy "
+                           "answers (the default) ignore it."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "MIMIR_TEXT_FEATURES")
+    RETURN_NAMES = ("conditioning", "features")
+    OUTPUT_TOOLTIPS = ("The fused text stream for the Mimir Sampler.",
+                       "The frozen encoders' features (T5 + LLM), for Mimir Save Encoded Prompt.")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Encodes a prompt the Mimir way: T5 tokens plus the LLM's query, answer and instruction tokens, "
+                   "merged by the token fuser.")
+
+    def encode(self, t5, llm, fuser, prompt, answer_tokens, instructions, answer_seed):
+        _check_widths(t5, llm, fuser)
+        config = _encoder_config(fuser, answer_tokens, instructions)
+        placement = services.placement()
+        services.check_interrupted()
+        with placement.stage(t5.model) as device:
+            t5_tokens = encode_t5(t5.tokenizer, t5.model, [prompt], max_length=config.text_len, device=device)
+        bar = services.progress_bar(max(config.answer_tokens, 1))
+
+        def on_token(done, total):
+            services.check_interrupted()
+            bar.update_absolute(done, total)
+
+        with placement.stage(llm.model):
+            tokens, mask, instruction_tokens = LLMTextEncoder(llm.model, llm.tokenizer, config)(
+                [prompt], seed=answer_seed, callback=on_token)
+        bar.update_absolute(bar.total, bar.total)
+        features = TextFeatures(t5_tokens.cpu(), tokens.cpu(), mask.cpu(),
+                                None if instruction_tokens is None else instruction_tokens.cpu())
+        return conditioning(fuse(fuser, features), "mimir"), features
+
+
+class MimirT5TextEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "t5": ("MIMIR_T5", {"tooltip": "The T5 encoder, from Mimir T5 Loader."}),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The text to encode."}),
+            "text_len": ("INT", {"default": T5_TEXT_LEN, "min": 1, "max": 1024,
+                                 "tooltip": "T5 tokens (padded/truncated); CogVideoX uses 226."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The T5 text stream, as plain CogVideoX reads it.",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Encodes a prompt with T5 only, exactly as diffusers' CogVideoX pipeline does: the baseline to "
+                   "compare Mimir against, with the same sampler.")
+
+    def encode(self, t5, prompt, text_len):
+        with services.placement().stage(t5.model) as device:
+            stream = encode_t5(t5.tokenizer, t5.model, [prompt], max_length=text_len, device=device)
+        return (conditioning(stream, "t5"),)
+
+
+class MimirSaveEncodedPrompt:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "features": ("MIMIR_TEXT_FEATURES", {"tooltip": "The features output of Mimir Text Encode."}),
+            "name": ("STRING", {"default": "mimir_prompt",
+                                "tooltip": "File name (letters, digits, - _ . and /) under output/mimir_prompts; "
+                                           "an existing file of that name is replaced."}),
+        }}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Saves an encoded prompt (T5 + LLM features, before the fuser) as .safetensors, so later runs "
+                   "can use Mimir Load Encoded Prompt without loading the LLM.")
+
+    def save(self, features, name):
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*", name or "") or ".." in name.split("/"):
+            raise ValueError(f"name: {name!r} must be a relative file name of letters, digits, - _ . and /")
+        path = services.prompts_dir() / (name if name.endswith(".safetensors") else f"{name}.safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        features.save(path)
+        return {"ui": {"text": [path.name]}}
+
+
+class MimirLoadEncodedPrompt:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "fuser": ("MIMIR_FUSER", {"tooltip": "The token fuser to fuse the saved features with."}),
+            "encoded_prompt": (services.list_models(services.PROMPTS_FOLDER, folders=False), {
+                "tooltip": "A file saved by Mimir Save Encoded Prompt (in output/mimir_prompts)."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The fused text stream for the Mimir Sampler.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Fuses a saved encoded prompt: Mimir conditioning without loading T5 or the LLM."
+
+    def load(self, fuser, encoded_prompt):
+        path = services.resolve_model(services.PROMPTS_FOLDER, encoded_prompt, "encoded_prompt")
+        try:
+            features = TextFeatures.load(path)
+        except Exception as exc:
+            raise ValueError(f"encoded_prompt: {encoded_prompt} is not a saved Mimir prompt ({exc})") from exc
+        try:
+            fuser.check_inputs(features.t5, features.llm, features.llm_mask, features.instructions)
+        except ValueError as exc:
+            raise ValueError(f"encoded_prompt: {encoded_prompt} does not fit this fuser: {exc}") from exc
+        return (conditioning(fuse(fuser, features), "mimir"),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "MimirTextEncode": MimirTextEncode,
+    "MimirT5TextEncode": MimirT5TextEncode,
+    "MimirSaveEncodedPrompt": MimirSaveEncodedPrompt,
+    "MimirLoadEncodedPrompt": MimirLoadEncodedPrompt,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MimirTextEncode": "Mimir Text Encode (T5 + LLM)",
+    "MimirT5TextEncode": "Mimir T5 Text Encode (plain CogVideoX)",
+    "MimirSaveEncodedPrompt": "Mimir Save Encoded Prompt",
+    "MimirLoadEncodedPrompt": "Mimir Load Encoded Prompt",
+}

@@ -1,0 +1,290 @@
+"""End to end in a real ComfyUI: runs only when COMFYUI_PATH points at a ComfyUI checkout.
+
+ComfyUI is started with --cpu on 127.0.0.1 (a free port) with a temporary --base-directory, in which this pack
+is linked into custom_nodes/ and tiny models are saved under the names the shipped workflows use. Each API
+workflow is posted to /prompt (the big-model ones at a tiny size), /history is polled, and the video is
+fetched through /view and decoded. COMFYUI_PYTHON names the interpreter that has ComfyUI's requirements
+(default: this one).
+"""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+API_DIR = ROOT / "workflows" / "api"
+COMFYUI = os.environ.get("COMFYUI_PATH")
+if not COMFYUI:
+    reason = "COMFYUI_PATH is not set: the end-to-end test needs a ComfyUI checkout (and COMFYUI_PYTHON, its Python)"
+    sys.__stderr__.write(f"\ntests/test_comfyui_e2e.py skipped: {reason}\n")
+    pytest.skip(reason, allow_module_level=True)
+
+import av
+from transformers import AutoTokenizer
+
+from mimir.fuser import FuserConfig, TokenFuser, save_fuser
+from mimir.loading import DEMO_MODEL_DIR, save_pipeline, save_single_file
+from mimir.pipeline import MimirPipeline
+from mimir.testing import tiny_components, tiny_llm, tiny_t5, tiny_transformer, tiny_vae, word_tokenizer
+
+TINY_SIZE = dict(width=32, height=32, frames=9, steps=2)
+STARTUP_S, RUN_S = 300, 600
+
+
+# ---- tiny models under the workflows' names -----------------------------------------------------------------
+
+def _loader_names() -> dict[str, set[str]]:
+    """Loader node type -> the model names the shipped API workflows ask it for."""
+    names: dict[str, set[str]] = {}
+    for path in API_DIR.glob("*.json"):
+        for node in json.loads(path.read_text()).values():
+            if node["class_type"].endswith("Loader"):
+                name = next(v for k, v in node["inputs"].items() if k.endswith("_name"))
+                names.setdefault(node["class_type"], set()).add(name)
+    return names
+
+
+def write_tiny_models(models: Path) -> None:
+    """Tiny real-architecture models, 32 wide: T5 reads ComfyUI's bundled T5 tokenizer (so its vocabulary),
+    the LLM is a tiny Phi-3, the transformers are 5B-style (rotary), the VAE has 4 latent channels."""
+    t5_tokenizer = AutoTokenizer.from_pretrained(Path(COMFYUI) / "comfy" / "text_encoders" / "t5_tokenizer")
+    llm_tokenizer = word_tokenizer(kind="llm")
+    llm = tiny_llm(llm_tokenizer)
+    fuser_config = FuserConfig(t5_dim=32, llm_dim=llm.config.hidden_size, text_len=226, answer_tokens=4)
+    writers = {
+        "MimirT5Loader": ("text_encoders", lambda p: save_single_file(tiny_t5(t5_tokenizer), p)),
+        "MimirLLMLoader": ("LLM", lambda p: (llm.save_pretrained(p), llm_tokenizer.save_pretrained(p))),
+        "MimirFuserLoader": ("mimir", lambda p: save_fuser(TokenFuser(fuser_config), p)),
+        "MimirVAELoader": ("vae", lambda p: save_single_file(tiny_vae(), p)),
+        "MimirModelLoader": ("diffusion_models", lambda p: save_single_file(
+            tiny_transformer("5b", text_len=fuser_config.out_len), p, vae_scaling_factor=0.7)
+            if p.suffix == ".safetensors" else save_pipeline(MimirPipeline(**tiny_components("5b", stabilizer_tokens=0)), p)),
+    }
+    for loader, names in _loader_names().items():
+        folder, write = writers[loader]
+        for name in names - {"mimir-demo (bundled)"}:
+            path = models / folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+
+
+# ---- a ComfyUI server --------------------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, log: Path):
+        self.url, self.process, self.log = url, process, log
+
+    def get(self, route: str):
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            return response.read()
+
+    def post(self, route: str, payload) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def queue(self, workflow: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": workflow, "client_id": "mimir-e2e"})
+        assert status == 200, f"/prompt refused the workflow: {json.dumps(body)[:2000]}"
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str) -> dict:
+        deadline = time.monotonic() + RUN_S
+        while time.monotonic() < deadline:
+            entry = json.loads(self.get(f"/history/{prompt_id}")).get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and \
+                    entry["status"].get("status_str") in ("success", "error"):
+                return entry
+            assert self.process.poll() is None, f"ComfyUI exited:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {RUN_S} s")
+
+    def messages(self, entry: dict) -> dict:
+        return {kind: data for kind, data in entry["status"]["messages"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "mimir-video").symlink_to(ROOT, target_is_directory=True)
+    write_tiny_models(base / "models")
+    port, log = _free_port(), base / "comfyui.log"
+    command = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
+               "--port", str(port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+               "--disable-auto-launch"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT, env=env)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            assert process.poll() is None, f"ComfyUI exited at start:\n{log.read_text()[-3000:]}"
+            try:
+                server.get("/object_info/MimirSampler")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, f"ComfyUI did not start in {STARTUP_S} s"
+                time.sleep(1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _video_of(server: Server, entry: dict, node_id: str):
+    files = entry["outputs"][node_id]["images"]
+    assert len(files) == 1 and files[0]["filename"].endswith(".mp4"), files
+    query = urllib.parse.urlencode({k: files[0][k] for k in ("filename", "subfolder", "type")})
+    data = server.get(f"/view?{query}")
+    path = Path(server.log.parent / files[0]["filename"])
+    path.write_bytes(data)
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return len(frames), frames[0].shape[:2]
+
+
+def _tiny(workflow: dict, **overrides) -> dict:
+    for node in workflow.values():
+        if node["class_type"] == "MimirSampler":
+            node["inputs"].update({**TINY_SIZE, **overrides})
+    return workflow
+
+
+# ---- tests -------------------------------------------------------------------------------------------------
+
+def test_pack_loads_without_warnings(comfyui):
+    log = comfyui.log.read_text()
+    lines = [line for line in log.splitlines() if "mimir" in line.lower()]
+    print("ComfyUI log lines about the pack:", *lines, sep="\n  ")
+    assert any("custom_nodes/mimir-video" in line and "IMPORT FAILED" not in line for line in lines)
+    assert not [line for line in lines if "warn" in line.lower() or "error" in line.lower() or "failed" in line.lower()]
+    info = json.loads(comfyui.get("/object_info"))
+    mimir_nodes = sorted(k for k in info if k.startswith("Mimir"))
+    assert len(mimir_nodes) == 12, mimir_nodes
+    assert info["MimirSampler"]["output"] == ["LATENT"] and info["MimirDecode"]["output"] == ["IMAGE"]
+
+
+def test_core_node_definitions_in_the_workflow_tests_match_comfyui(comfyui):
+    spec = importlib.util.spec_from_file_location("workflow_tests", ROOT / "tests" / "test_workflows.py")
+    workflow_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(workflow_tests)
+    info = json.loads(comfyui.get("/object_info"))
+    for name, ours in workflow_tests.CORE_NODES.items():
+        live = info[name]
+        assert live["output"] == ours["output"], name
+        for section, inputs in ours["input"].items():
+            for input_name, (kind, *options) in inputs.items():
+                live_kind, *live_options = live["input"][section][input_name]
+                assert live_kind == kind, (name, input_name)
+                for key, value in (options[0] if options else {}).items():
+                    if key != "default":
+                        assert live_options[0][key] == value, (name, input_name, key)
+
+
+@pytest.mark.parametrize("name", ["mimir_cogvideox5b_phi35", "mimir_vs_t5_baseline_cogvideox5b"])
+def test_workflow_runs_and_saves_a_video(comfyui, name):
+    workflow = _tiny(json.loads((API_DIR / f"{name}.json").read_text()))
+    started = time.monotonic()
+    entry = comfyui.wait(comfyui.queue(workflow))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    savers = [k for k, n in workflow.items() if n["class_type"] == "SaveVideo"]
+    for node_id in savers:
+        count, size = _video_of(comfyui, entry, node_id)
+        print(f"{name}: node {node_id} saved {count} frames of {size[1]}x{size[0]} "
+              f"({time.monotonic() - started:.1f} s for the whole prompt)")
+        assert count == TINY_SIZE["frames"] and size == (TINY_SIZE["height"], TINY_SIZE["width"])
+
+
+def test_demo_workflow(comfyui):
+    workflow = json.loads((API_DIR / "mimir_demo_bundled.json").read_text())
+    if not DEMO_MODEL_DIR.exists():
+        status, body = comfyui.post("/prompt", {"prompt": workflow})
+        print(f"demo model absent ({DEMO_MODEL_DIR}): /prompt answered {status} {body['error']['type']}")
+        assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
+        refused = {e["extra_info"]["input_name"] for node in body["node_errors"].values() for e in node["errors"]}
+        assert refused == {"t5_name", "llm_name", "fuser_name", "model_name", "vae_name"}
+        return
+    entry = comfyui.wait(comfyui.queue(workflow))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    sampler = next(n["inputs"] for n in workflow.values() if n["class_type"] == "MimirSampler")
+    saver = next(k for k, n in workflow.items() if n["class_type"] == "SaveVideo")
+    count, size = _video_of(comfyui, entry, saver)
+    print(f"demo: {count} frames of {size[1]}x{size[0]}")
+    assert count == sampler["frames"] and size == (sampler["height"], sampler["width"])
+
+
+def test_bad_prompts_give_clear_errors(comfyui):
+    base = json.loads((API_DIR / "mimir_cogvideox5b_phi35.json").read_text())
+    sampler = next(k for k, n in base.items() if n["class_type"] == "MimirSampler")
+    loader = next(k for k, n in base.items() if n["class_type"] == "MimirT5Loader")
+
+    entry = comfyui.wait(comfyui.queue(_tiny(json.loads(json.dumps(base)), frames=10)))
+    error = comfyui.messages(entry)["execution_error"]
+    print("frames=10:", error["node_type"], "->", error["exception_message"])
+    assert error["node_id"] == sampler and error["exception_message"].startswith("frames must be 4k+1")
+
+    for change, kind in [((sampler, "frames", 5000), "value_bigger_than_max"),
+                         ((loader, "t5_name", "missing.safetensors"), "value_not_in_list")]:
+        workflow = _tiny(json.loads(json.dumps(base)))
+        node, field, value = change
+        workflow[node]["inputs"][field] = value
+        status, body = comfyui.post("/prompt", {"prompt": workflow})
+        errors = body["node_errors"][node]["errors"]
+        print(f"{field}={value!r}: {status} {errors[0]['message']}: {errors[0]['details']}")
+        assert status == 400 and errors[0]["type"] == kind and errors[0]["extra_info"]["input_name"] == field
+
+
+def test_interrupt_stops_sampling_within_a_step_and_models_stay_usable(comfyui):
+    websocket = pytest.importorskip("websocket", reason="websocket-client is needed to follow progress messages")
+    workflow = _tiny(json.loads((API_DIR / "mimir_cogvideox5b_phi35.json").read_text()), steps=1000)
+    sampler = next(k for k, n in workflow.items() if n["class_type"] == "MimirSampler")
+    ws = websocket.create_connection(comfyui.url.replace("http", "ws") + "/ws?clientId=mimir-e2e", timeout=RUN_S)
+    try:
+        prompt_id = comfyui.queue(workflow)
+        step_at_interrupt, last_step = None, 0
+        while True:
+            message = ws.recv()
+            if not isinstance(message, str):
+                continue  # binary preview frames
+            message = json.loads(message)
+            data = message.get("data", {})
+            if message["type"] == "progress" and data.get("node") == sampler:
+                last_step = data["value"]
+                if step_at_interrupt is None and last_step >= 3:
+                    step_at_interrupt = last_step
+                    assert comfyui.post("/interrupt", {})[0] == 200
+            if message["type"] in ("execution_interrupted", "execution_error", "execution_success") and \
+                    data.get("prompt_id") == prompt_id:
+                break
+    finally:
+        ws.close()
+    print(f"interrupt sent at sampler step {step_at_interrupt}/1000, last step reported {last_step}, "
+          f"ended with {message['type']}")
+    assert message["type"] == "execution_interrupted" and last_step - step_at_interrupt <= 2
+    entry = comfyui.wait(comfyui.queue(_tiny(workflow, steps=2, seed=7)))
+    assert entry["status"]["status_str"] == "success"

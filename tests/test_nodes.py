@@ -1,0 +1,388 @@
+"""The node pack through its no-ComfyUI fallback layer, on tiny models saved in a ComfyUI-style models folder.
+
+Outputs are compared with the library run directly on the in-memory models the files were saved from, so
+loading, type conversions (CONDITIONING, LATENT order and scaling, IMAGE) and node wiring are all checked.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
+from torch import nn
+
+from mimir.fuser import save_fuser
+from mimir.loading import save_pipeline, save_single_file
+from mimir.pipeline import MimirPipeline
+from mimir.testing import real_scheduler, tiny_components
+from mimir.text import LLMTextEncoder, encode_t5
+
+PROMPT = "a red circle moves to the left"
+SCALING = 1.15258426  # the tiny VAE's scaling factor, recorded with the tiny transformers
+SNR_SHIFT = 1.0  # its scheduler: a custom variant without scheduler folder gets CogVideoX-5B's settings
+
+
+def _perturb(fuser, seed=0):
+    """A fresh fuser passes T5 through unchanged; give every branch weights so the LLM path shows in outputs."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in fuser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return fuser
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(models dir, components, plain components, 2B components) with every layout the loaders read."""
+    root = tmp_path_factory.mktemp("models")
+    c = tiny_components(variant="5b")
+    _perturb(c["fuser"])
+    plain = tiny_components(variant="5b", stabilizer_tokens=0)
+    c["scheduler"] = plain["scheduler"] = real_scheduler("ddim", snr_shift_scale=SNR_SHIFT)
+    assert c["vae"].config.scaling_factor == SCALING
+    c2b = tiny_components(variant="2b")
+    for sub in ("text_encoders", "LLM", "mimir", "diffusion_models", "vae"):
+        (root / sub).mkdir()
+    c["text_encoder"].save_pretrained(root / "text_encoders" / "tiny-t5")
+    c["tokenizer"].save_pretrained(root / "text_encoders" / "tiny-t5")
+    save_single_file(c["text_encoder"], root / "text_encoders" / "tiny_t5.safetensors")
+    c["tokenizer"].save_pretrained(root / "t5_tokenizer")  # stands in for ComfyUI's bundled T5 tokenizer
+    c["llm"].save_pretrained(root / "LLM" / "tiny-phi3")
+    c["llm_tokenizer"].save_pretrained(root / "LLM" / "tiny-phi3")
+    save_fuser(c["fuser"], root / "mimir" / "tiny_fuser.safetensors")
+    save_fuser(tiny_components(llm_arch="llama", seed=5)["fuser"], root / "mimir" / "other_fuser.safetensors")
+    save_single_file(c["transformer"], root / "diffusion_models" / "tiny_5b.safetensors", vae_scaling_factor=SCALING)
+    save_single_file(plain["transformer"], root / "diffusion_models" / "plain_5b.safetensors",
+                     vae_scaling_factor=SCALING)
+    save_single_file(c2b["transformer"], root / "diffusion_models" / "tiny_2b.safetensors", vae_scaling_factor=1.0)
+    save_pipeline(MimirPipeline(**{**c, "scheduler": real_scheduler("dpm", snr_shift_scale=3.0)}),
+                  root / "diffusion_models" / "tiny-pipeline")
+    save_single_file(c["vae"], root / "vae" / "tiny_vae.safetensors")
+    return root, c, plain
+
+
+@pytest.fixture
+def services(pack, tiny, tmp_path, monkeypatch):
+    services = pack.nodes.comfy_services
+    services.use_models_dir(tiny[0], output_dir=tmp_path / "output")
+    monkeypatch.setattr(services, "bundled_t5_tokenizer", lambda: tiny[0] / "t5_tokenizer")
+    yield services
+    services.use_models_dir(None)
+
+
+@pytest.fixture
+def nodes(pack, services):
+    return pack.nodes.NODE_CLASS_MAPPINGS
+
+
+def run(nodes, node_type, **inputs):
+    cls = nodes[node_type]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+def load_all(nodes, t5="tiny-t5", model="tiny_5b.safetensors"):
+    return dict(
+        t5=run(nodes, "MimirT5Loader", t5_name=t5, dtype="auto")[0],
+        llm=run(nodes, "MimirLLMLoader", llm_name="tiny-phi3", dtype="auto", trust_remote_code=False)[0],
+        fuser=run(nodes, "MimirFuserLoader", fuser_name="tiny_fuser.safetensors")[0],
+        model=run(nodes, "MimirModelLoader", model_name=model, dtype="auto", blocks_to_swap=0)[0],
+        vae=run(nodes, "MimirVAELoader", vae_name="tiny_vae.safetensors", dtype="auto")[0],
+    )
+
+
+def encode(nodes, m, prompt=PROMPT, answer_tokens=-1, instructions=""):
+    return run(nodes, "MimirTextEncode", t5=m["t5"], llm=m["llm"], fuser=m["fuser"], prompt=prompt,
+               answer_tokens=answer_tokens, instructions=instructions, answer_seed=0)
+
+
+def sample(nodes, model, pos, neg, **overrides):
+    inputs = dict(model=model, positive=pos, negative=neg, width=32, height=32, frames=9, steps=2, cfg=6.0,
+                  seed=3, scheduler="ddim", dynamic_cfg=False, denoise=1.0)
+    return run(nodes, "MimirSampler", **{**inputs, **overrides})[0]
+
+
+def to_diffusion(latent, scaling=SCALING):
+    return latent["samples"].permute(0, 2, 1, 3, 4) * scaling
+
+
+# ---- definitions ----------------------------------------------------------------------------------------
+
+# Saved UI workflows store widget values by position: this order must never change.
+WIDGETS = {
+    "MimirT5Loader": ["t5_name", "dtype"],
+    "MimirLLMLoader": ["llm_name", "dtype", "trust_remote_code"],
+    "MimirFuserLoader": ["fuser_name"],
+    "MimirModelLoader": ["model_name", "dtype", "blocks_to_swap"],
+    "MimirVAELoader": ["vae_name", "dtype"],
+    "MimirTextEncode": ["t5", "llm", "fuser", "prompt", "answer_tokens", "instructions", "answer_seed"],
+    "MimirT5TextEncode": ["t5", "prompt", "text_len"],
+    "MimirSaveEncodedPrompt": ["features", "name"],
+    "MimirLoadEncodedPrompt": ["fuser", "encoded_prompt"],
+    "MimirSampler": ["model", "positive", "negative", "width", "height", "frames", "steps", "cfg", "seed", "scheduler",
+                     "dynamic_cfg", "denoise", "latent"],
+    "MimirDecode": ["vae", "samples", "tiling"],
+    "MimirVAEEncode": ["vae", "images"],
+}
+CORE_TYPES = {"CONDITIONING", "LATENT", "IMAGE", "INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def test_every_node_is_declared_with_tooltips_and_its_own_types(pack, nodes):
+    assert set(nodes) == set(WIDGETS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in nodes.items():
+        spec = cls.INPUT_TYPES()
+        inputs = {**spec["required"], **spec.get("optional", {})}
+        assert list(inputs) == WIDGETS[name], name
+        assert cls.DESCRIPTION and cls.CATEGORY.startswith("Mimir/") and callable(getattr(cls, cls.FUNCTION))
+        assert all(options.get("tooltip") for _, options in inputs.values()), name
+        assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES), name
+        for kind in [t for t, _ in inputs.values() if isinstance(t, str)] + list(cls.RETURN_TYPES):
+            assert kind in CORE_TYPES or kind.startswith("MIMIR_"), (name, kind)
+        assert not hasattr(cls, "comfy_entrypoint")
+    assert not hasattr(pack, "comfy_entrypoint")
+
+
+def test_loaders_list_files_and_model_folders(nodes, services, tiny, tmp_path, monkeypatch):
+    def choices(node, field):
+        return nodes[node].INPUT_TYPES()["required"][field][0]
+
+    assert choices("MimirT5Loader", "t5_name") == ["tiny-t5", "tiny_t5.safetensors"]
+    assert choices("MimirLLMLoader", "llm_name") == ["tiny-phi3"]
+    assert choices("MimirFuserLoader", "fuser_name") == ["other_fuser.safetensors", "tiny_fuser.safetensors"]
+    assert choices("MimirModelLoader", "model_name") == ["plain_5b.safetensors", "tiny-pipeline", "tiny_2b.safetensors",
+                                                         "tiny_5b.safetensors"]
+    assert choices("MimirVAELoader", "vae_name") == ["tiny_vae.safetensors"]
+    loaders = nodes["MimirT5Loader"].__module__
+    demo = tmp_path / "demo"
+    monkeypatch.setattr(f"{loaders}.DEMO_MODEL_DIR", demo)
+    assert "mimir-demo (bundled)" not in choices("MimirModelLoader", "model_name")
+    for part in ("transformer", "vae", "text_encoder", "llm"):
+        (demo / part).mkdir(parents=True)
+    (demo / "fuser.safetensors").touch()
+    for node, field in [("MimirT5Loader", "t5_name"), ("MimirLLMLoader", "llm_name"), ("MimirFuserLoader", "fuser_name"),
+                        ("MimirModelLoader", "model_name"), ("MimirVAELoader", "vae_name")]:
+        assert choices(node, field)[0] == "mimir-demo (bundled)"
+
+
+def test_loaders_report_what_they_loaded(nodes):
+    m = load_all(nodes)
+    assert m["model"].info.variant == "custom" and m["model"].info.vae_scaling_factor == SCALING
+    assert type(m["model"].scheduler).__name__ == "CogVideoXDDIMScheduler"
+    assert m["model"].scheduler.config.snr_shift_scale == 1.0  # unknown variant: the 5B settings
+    assert m["t5"].info.dims["d_model"] == 32 and m["llm"].model.config.hidden_size == 48
+    assert m["fuser"].config.out_len == 20 and m["vae"].config.latent_channels == 4
+    folder = run(nodes, "MimirModelLoader", model_name="tiny-pipeline", dtype="fp32", blocks_to_swap=0)[0]
+    assert folder.info.layout == "diffusers-folder"
+    assert type(folder.scheduler).__name__ == "CogVideoXDPMScheduler"  # the folder's own scheduler
+    assert folder.scheduler.config.snr_shift_scale == 3.0
+
+
+# ---- text --------------------------------------------------------------------------------------------------
+
+def test_mimir_text_encode_matches_the_pipeline(nodes, tiny):
+    _, c, _ = tiny
+    m = load_all(nodes)
+    cond, features = encode(nodes, m)
+    assert isinstance(cond, list) and len(cond) == 1 and cond[0][1] == {"mimir_encoder": "mimir"}
+    expected, _ = MimirPipeline(**c).encode_prompt(PROMPT, negative_prompt=None)
+    assert cond[0][0].shape == (1, 20, 32) and cond[0][0].dtype == torch.float32
+    assert torch.equal(cond[0][0], expected)
+    assert features.t5.shape == (1, 16, 32) and features.instructions.shape == (1, 4, 48)
+    single = run(nodes, "MimirT5Loader", t5_name="tiny_t5.safetensors", dtype="auto")[0]
+    assert torch.equal(encode(nodes, {**m, "t5": single})[0][0][0], expected)
+
+
+def test_answer_tokens_and_instructions_can_be_overridden(nodes, tiny):
+    _, c, _ = tiny
+    m = load_all(nodes)
+    lines = ["Describe the shapes.", "Describe the colours.", "Describe the places.", "Describe the counts."]
+    for answer_tokens, override in [(0, False), (2, True)]:
+        text = "\n  " + "\n".join(lines) + "\n\n" if override else ""  # blank lines and spaces are ignored
+        got = encode(nodes, m, answer_tokens=answer_tokens, instructions=text)[0][0][0]
+        config = dataclasses.replace(c["fuser"].config, answer_tokens=answer_tokens,
+                                     instructions=tuple(lines) if override else c["fuser"].config.instructions)
+        llm, mask, instr = LLMTextEncoder(c["llm"], c["llm_tokenizer"], config)([PROMPT])
+        t5 = encode_t5(c["tokenizer"], c["text_encoder"], [PROMPT], max_length=16)
+        with torch.no_grad():
+            assert torch.equal(got, c["fuser"](t5, llm, mask, instr))
+        assert not torch.equal(got, encode(nodes, m)[0][0][0])
+
+
+def test_t5_only_encode_is_diffusers_cogvideox_encoding(nodes, tiny):
+    _, c, _ = tiny
+    t5 = run(nodes, "MimirT5Loader", t5_name="tiny-t5", dtype="auto")[0]
+    cond = run(nodes, "MimirT5TextEncode", t5=t5, prompt=PROMPT, text_len=226)[0]
+    with torch.no_grad():
+        expected = CogVideoXPipeline(c["tokenizer"], c["text_encoder"], c["vae"], c["transformer"],
+                                     c["scheduler"]).encode_prompt(PROMPT, do_classifier_free_guidance=False)[0]
+    assert cond[0][1] == {"mimir_encoder": "t5"} and cond[0][0].shape == (1, 226, 32)
+    assert torch.equal(cond[0][0], expected)
+
+
+def test_encoded_prompt_round_trip(nodes, services, tiny):
+    m = load_all(nodes)
+    cond, features = encode(nodes, m)
+    assert run(nodes, "MimirSaveEncodedPrompt", features=features, name="prompts/red_circle") == \
+        {"ui": {"text": ["red_circle.safetensors"]}}
+    assert (services.prompts_dir() / "prompts" / "red_circle.safetensors").is_file()
+    choices = nodes["MimirLoadEncodedPrompt"].INPUT_TYPES()["required"]["encoded_prompt"][0]
+    assert choices == ["prompts/red_circle.safetensors"]
+    loaded = run(nodes, "MimirLoadEncodedPrompt", fuser=m["fuser"], encoded_prompt=choices[0])[0]
+    assert torch.equal(loaded[0][0], cond[0][0])
+    other = run(nodes, "MimirFuserLoader", fuser_name="other_fuser.safetensors")[0]
+    other.config = dataclasses.replace(other.config, llm_dim=64)
+    other.z_beta = nn.Linear(64, 32)
+    with pytest.raises(ValueError, match="^encoded_prompt: .*llm_dim|^encoded_prompt: .*64"):
+        run(nodes, "MimirLoadEncodedPrompt", fuser=other, encoded_prompt=choices[0])
+    with pytest.raises(ValueError, match="^name: "):
+        run(nodes, "MimirSaveEncodedPrompt", features=features, name="../escape")
+
+
+# ---- sampling and decoding -----------------------------------------------------------------------------------
+
+def test_sampler_and_decoder_match_the_pipeline(nodes, tiny):
+    _, c, _ = tiny
+    m = load_all(nodes)
+    latent = sample(nodes, m["model"], encode(nodes, m)[0], encode(nodes, m, prompt="")[0])
+    assert set(latent) == {"samples"} and latent["samples"].shape == (1, 4, 3, 4, 4)  # [B, C, T, H/8, W/8]
+    pipe = MimirPipeline(**c)
+    expected = pipe(PROMPT, "", num_frames=9, height=32, width=32, steps=2, guidance=6.0, seed=3, output_type="latent")
+    assert (to_diffusion(latent) - expected).abs().max() <= 1e-5  # VAE space, ComfyUI order
+    images = run(nodes, "MimirDecode", vae=m["vae"], samples=latent, tiling=True)[0]
+    assert images.shape == (9, 32, 32, 3) and images.min() >= 0 and images.max() <= 1
+    assert (images - pipe.decode(expected)[0]).abs().max() <= 1e-5  # the tiny VAE's tiles do not fit: whole
+
+
+def test_decoder_tiles_when_the_tiles_fit(nodes, tiny):
+    vae = run(nodes, "MimirVAELoader", vae_name="tiny_vae.safetensors", dtype="auto")[0]
+    samples = {"samples": torch.randn(1, 4, 3, 8, 8)}
+    whole = run(nodes, "MimirDecode", vae=vae, samples=samples, tiling=False)[0]
+    vae.enable_tiling(tile_sample_min_height=48, tile_sample_min_width=40)  # 6 x 5 latent tiles: strides fit
+    calls = []
+    vae.tiled_decode = lambda z, real=vae.tiled_decode, **kw: calls.append(z.shape) or real(z, **kw)
+    tiled = run(nodes, "MimirDecode", vae=vae, samples=samples, tiling=True)[0]
+    assert calls and tiled.shape == whole.shape == (9, 64, 64, 3)
+    assert (tiled - whole).abs().mean() < 0.05  # blended seams, not another picture
+
+
+def test_t5_only_nodes_give_diffusers_cogvideox_latents(nodes, tiny):
+    _, _, plain = tiny
+    t5 = run(nodes, "MimirT5Loader", t5_name="tiny-t5", dtype="auto")[0]
+    model = run(nodes, "MimirModelLoader", model_name="plain_5b.safetensors", dtype="auto", blocks_to_swap=0)[0]
+    pos, neg = (run(nodes, "MimirT5TextEncode", t5=t5, prompt=p, text_len=16)[0] for p in (PROMPT, ""))
+    latent = sample(nodes, model, pos, neg, scheduler="dpm", steps=3)
+    ref = CogVideoXPipeline(plain["tokenizer"], plain["text_encoder"], plain["vae"], plain["transformer"],
+                            CogVideoXDPMScheduler.from_config(plain["scheduler"].config))
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, negative_prompt="", num_frames=9, height=32, width=32, num_inference_steps=3,
+                   guidance_scale=6.0, generator=torch.Generator().manual_seed(3), max_sequence_length=16,
+                   output_type="latent").frames
+    assert (to_diffusion(latent) - expected).abs().max() <= 1e-5
+
+
+def test_video_to_video_from_an_encoded_latent(nodes, tiny):
+    _, c, _ = tiny
+    m = load_all(nodes)
+    frames = torch.rand(9, 32, 32, 3)
+    latent = run(nodes, "MimirVAEEncode", vae=m["vae"], images=frames)[0]
+    assert latent["samples"].shape == (1, 4, 3, 4, 4)
+    pos, neg = encode(nodes, m)[0], encode(nodes, m, prompt="")[0]
+    out = sample(nodes, m["model"], pos, neg, latent=latent, denoise=0.5, steps=4)
+    pipe = MimirPipeline(**c)
+    cond, uncond = pipe.encode_prompt(PROMPT, "")
+    expected = pipe.denoise(cond, uncond, 9, 32, 32, steps=4, guidance=6.0, seed=3, latents=to_diffusion(latent),
+                            strength=0.5)
+    assert (to_diffusion(out) - expected).abs().max() <= 1e-5
+    full = sample(nodes, m["model"], pos, neg, steps=4)
+    assert not torch.allclose(out["samples"], full["samples"])
+
+
+def test_progress_every_step_and_interrupt_leaves_the_model_usable(nodes, services, monkeypatch):
+    m = load_all(nodes)
+    pos, neg = encode(nodes, m)[0], encode(nodes, m, prompt="")[0]
+    bars = []
+    real_bar = services.progress_bar
+    monkeypatch.setattr(services, "progress_bar", lambda total: bars.append(real_bar(total)) or bars[-1])
+    first = sample(nodes, m["model"], pos, neg, steps=3)
+    assert bars[-1].updates == [(1, 3), (2, 3), (3, 3)]
+    calls = []
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_on_second_step():
+        calls.append(1)
+        if len(calls) == 3:  # once before sampling, then after each step
+            raise Interrupted
+
+    monkeypatch.setattr(services, "check_interrupted", interrupt_on_second_step)
+    with pytest.raises(Interrupted):
+        sample(nodes, m["model"], pos, neg, steps=3)
+    monkeypatch.setattr(services, "check_interrupted", lambda: None)
+    assert torch.equal(sample(nodes, m["model"], pos, neg, steps=3)["samples"], first["samples"])
+
+
+def test_fp8_storage_and_block_swap(nodes, pack):
+    m = load_all(nodes)
+    pos, neg = encode(nodes, m)[0], encode(nodes, m, prompt="")[0]
+    reference = sample(nodes, m["model"], pos, neg)["samples"]
+    fp8 = run(nodes, "MimirModelLoader", model_name="tiny_5b.safetensors", dtype="fp8_e4m3fn", blocks_to_swap=0)[0]
+    assert fp8.info.dtype == "float8_e4m3fn"
+    assert sum(type(mod).__name__ == "Fp8Linear" for mod in fp8.transformer.modules()) > 0
+    out = sample(nodes, fp8, pos, neg)["samples"]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - reference).abs().max() < 0.1 * reference.abs().max()
+    swapped = run(nodes, "MimirModelLoader", model_name="tiny_5b.safetensors", dtype="auto", blocks_to_swap=1)[0]
+    assert torch.equal(sample(nodes, swapped, pos, neg)["samples"], reference)
+
+
+# ---- errors name the input at fault ---------------------------------------------------------------------------
+
+def test_sampler_errors_name_the_input(nodes):
+    m = load_all(nodes)
+    pos, neg = encode(nodes, m)[0], encode(nodes, m, prompt="")[0]
+    t5_only = run(nodes, "MimirT5TextEncode", t5=m["t5"], prompt="", text_len=16)[0]
+    clip_like = [[torch.zeros(1, 77, 768), {}]]
+    bad_latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    cases = [
+        (dict(frames=10), "^frames must be 4k"),
+        (dict(width=40), "^width must be"),
+        (dict(positive=clip_like), "^positive: .*768"),
+        (dict(positive=pos + pos), "^positive: 2 conditioning entries"),
+        (dict(negative=t5_only), "^negative: "),
+        (dict(latent=bad_latent, denoise=0.5), "^latent: "),
+        (dict(scheduler="euler"), "^scheduler: "),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sample(nodes, m["model"], pos, neg, **overrides)
+    sincos = run(nodes, "MimirModelLoader", model_name="tiny_2b.safetensors", dtype="auto", blocks_to_swap=0)[0]
+    with pytest.raises(ValueError, match="^positive: 16 text tokens.*exactly 20"):
+        sample(nodes, sincos, t5_only, t5_only)
+    with pytest.raises(ValueError, match="^samples: "):
+        run(nodes, "MimirDecode", vae=m["vae"], samples=bad_latent, tiling=False)
+    with pytest.raises(ValueError, match="^images: frames must be 4k"):
+        run(nodes, "MimirVAEEncode", vae=m["vae"], images=torch.rand(8, 32, 32, 3))
+
+
+def test_text_and_loader_errors_name_the_input(nodes):
+    m = load_all(nodes)
+    with pytest.raises(ValueError, match="^instructions: 2 lines given but this fuser has 4"):
+        encode(nodes, m, instructions="one\ntwo")
+    llama_fuser = run(nodes, "MimirFuserLoader", fuser_name="other_fuser.safetensors")[0]
+    llama_fuser.config = dataclasses.replace(llama_fuser.config, llm_dim=64)
+    with pytest.raises(ValueError, match="^llm: this LLM has hidden size 48 .*llm_dim=64"):
+        encode(nodes, {**m, "fuser": llama_fuser})
+    with pytest.raises(FileNotFoundError, match="^vae_name: 'missing.safetensors' was not found"):
+        run(nodes, "MimirVAELoader", vae_name="missing.safetensors", dtype="auto")
+    with pytest.raises(ValueError, match="^model_name: .*not a name inside"):
+        run(nodes, "MimirModelLoader", model_name="../vae/tiny_vae.safetensors", dtype="auto", blocks_to_swap=0)
+    with pytest.raises(ValueError, match="^blocks_to_swap: 5 is more than the model's 2 blocks"):
+        run(nodes, "MimirModelLoader", model_name="tiny_5b.safetensors", dtype="auto", blocks_to_swap=5)
+    with pytest.raises(FileNotFoundError, match="^t5_name: the bundled demo model is not installed"):
+        run(nodes, "MimirT5Loader", t5_name="mimir-demo (bundled)", dtype="auto")
+
+
+def test_single_file_t5_needs_a_tokenizer(nodes, services, monkeypatch):
+    monkeypatch.setattr(services, "bundled_t5_tokenizer", lambda: None)
+    with pytest.raises(ValueError, match="^t5_name: tiny_t5.safetensors is a single file"):
+        run(nodes, "MimirT5Loader", t5_name="tiny_t5.safetensors", dtype="auto")
