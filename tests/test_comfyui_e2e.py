@@ -31,6 +31,7 @@ if not COMFYUI:
     pytest.skip(reason, allow_module_level=True)
 
 import av
+import torch
 from transformers import AutoTokenizer
 
 from mimir.fuser import FuserConfig, TokenFuser, save_fuser
@@ -55,6 +56,15 @@ def _loader_names() -> dict[str, set[str]]:
     return names
 
 
+def _trained(fuser: TokenFuser) -> TokenFuser:
+    """A fresh fuser ignores the LLM (zero-initialised branches); perturbed weights make every branch count."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in fuser.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    return fuser
+
+
 def write_tiny_models(models: Path) -> None:
     """Tiny real-architecture models, 32 wide: T5 reads ComfyUI's bundled T5 tokenizer (so its vocabulary),
     the LLM is a tiny Phi-3, the transformers are 5B-style (rotary), the VAE has 4 latent channels."""
@@ -65,7 +75,7 @@ def write_tiny_models(models: Path) -> None:
     writers = {
         "MimirT5Loader": ("text_encoders", lambda p: save_single_file(tiny_t5(t5_tokenizer), p)),
         "MimirLLMLoader": ("LLM", lambda p: (llm.save_pretrained(p), llm_tokenizer.save_pretrained(p))),
-        "MimirFuserLoader": ("mimir", lambda p: save_fuser(TokenFuser(fuser_config), p)),
+        "MimirFuserLoader": ("mimir", lambda p: save_fuser(_trained(TokenFuser(fuser_config)), p)),
         "MimirVAELoader": ("vae", lambda p: save_single_file(tiny_vae(), p)),
         "MimirModelLoader": ("diffusion_models", lambda p: save_single_file(
             tiny_transformer("5b", text_len=fuser_config.out_len), p, vae_scaling_factor=0.7)
@@ -157,7 +167,8 @@ def comfyui(tmp_path_factory):
             process.kill()
 
 
-def _video_of(server: Server, entry: dict, node_id: str):
+def _video_of(server: Server, entry: dict, node_id: str) -> list:
+    """The frames (uint8 arrays) of the video a SaveVideo node saved, downloaded through /view."""
     files = entry["outputs"][node_id]["images"]
     assert len(files) == 1 and files[0]["filename"].endswith(".mp4"), files
     query = urllib.parse.urlencode({k: files[0][k] for k in ("filename", "subfolder", "type")})
@@ -165,8 +176,7 @@ def _video_of(server: Server, entry: dict, node_id: str):
     path = Path(server.log.parent / files[0]["filename"])
     path.write_bytes(data)
     with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    return len(frames), frames[0].shape[:2]
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
 
 
 def _tiny(workflow: dict, **overrides) -> dict:
@@ -215,7 +225,8 @@ def test_workflow_runs_and_saves_a_video(comfyui, name):
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     savers = [k for k, n in workflow.items() if n["class_type"] == "SaveVideo"]
     for node_id in savers:
-        count, size = _video_of(comfyui, entry, node_id)
+        frames = _video_of(comfyui, entry, node_id)
+        count, size = len(frames), frames[0].shape[:2]
         print(f"{name}: node {node_id} saved {count} frames of {size[1]}x{size[0]} "
               f"({time.monotonic() - started:.1f} s for the whole prompt)")
         assert count == TINY_SIZE["frames"] and size == (TINY_SIZE["height"], TINY_SIZE["width"])
@@ -234,9 +245,34 @@ def test_demo_workflow(comfyui):
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     sampler = next(n["inputs"] for n in workflow.values() if n["class_type"] == "MimirSampler")
     saver = next(k for k, n in workflow.items() if n["class_type"] == "SaveVideo")
-    count, size = _video_of(comfyui, entry, saver)
+    frames = _video_of(comfyui, entry, saver)
+    count, size = len(frames), frames[0].shape[:2]
     print(f"demo: {count} frames of {size[1]}x{size[0]}")
     assert count == sampler["frames"] and size == (sampler["height"], sampler["width"])
+
+
+def test_saved_encoded_prompts_replace_t5_and_the_llm(comfyui):
+    base = _tiny(json.loads((API_DIR / "mimir_cogvideox5b_phi35.json").read_text()), seed=11)
+    encoders = [k for k, n in base.items() if n["class_type"] == "MimirTextEncode"]
+    fuser = next(k for k, n in base.items() if n["class_type"] == "MimirFuserLoader")
+    saver = next(k for k, n in base.items() if n["class_type"] == "SaveVideo")
+    first = json.loads(json.dumps(base))
+    for k in encoders:
+        first[f"10{k}"] = {"class_type": "MimirSaveEncodedPrompt",
+                           "inputs": {"features": [k, 1], "name": f"e2e/prompt_{k}"}}
+    entry = comfyui.wait(comfyui.queue(first))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    with_encoders = _video_of(comfyui, entry, saver)
+    second = {k: n for k, n in base.items() if n["class_type"] not in ("MimirT5Loader", "MimirLLMLoader")}
+    for k in encoders:
+        second[k] = {"class_type": "MimirLoadEncodedPrompt",
+                     "inputs": {"fuser": [fuser, 0], "encoded_prompt": f"e2e/prompt_{k}.safetensors"}}
+    entry = comfyui.wait(comfyui.queue(second))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    from_files = _video_of(comfyui, entry, saver)
+    print(f"encoded prompts: {len(from_files)} frames without T5 or the LLM, identical: "
+          f"{all((a == b).all() for a, b in zip(with_encoders, from_files))}")
+    assert len(from_files) == len(with_encoders) and all((a == b).all() for a, b in zip(with_encoders, from_files))
 
 
 def test_bad_prompts_give_clear_errors(comfyui):
