@@ -195,16 +195,26 @@ class MimirPipeline:
                 callback(i + 1, len(timesteps), x)
         return x
 
-    # ---- decoding --------------------------------------------------------------------------------------
+    # ---- decoding ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiling: bool = False, slicing: bool = False) -> torch.Tensor:
-        """Latents [B, T, C, h, w] (diffusion space) -> frames [B, F, H, W, 3] in 0..1 (float32, CPU)."""
-        self.vae.enable_tiling() if tiling else self.vae.disable_tiling()
+        """Latents [B, T, C, h, w] (diffusion space) -> frames [B, F, H, W, 3] in 0..1 (float32, CPU).
+        Tiling is skipped for VAEs whose tiles do not fit diffusers' tiling scheme (see tiles_fit)."""
+        self.vae.enable_tiling() if tiling and tiles_fit(self.vae) else self.vae.disable_tiling()
         self.vae.enable_slicing() if slicing else self.vae.disable_slicing()
         with self.placement.stage(self.vae) as device:
             z = latents.permute(0, 2, 1, 3, 4).to(device=device, dtype=module_dtype(self.vae))
             video = self.vae.decode(z / self.vae.config.scaling_factor).sample
         return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu()
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames [B, F, H, W, 3] in 0..1 -> latents [B, T, C, h, w] in diffusion space (the VAE posterior's mode)."""
+        check_video_size(*frames.shape[1:4])
+        with self.placement.stage(self.vae) as device:
+            video = frames[..., :3].permute(0, 4, 1, 2, 3).to(device=device, dtype=module_dtype(self.vae)) * 2 - 1
+            z = self.vae.encode(video).latent_dist.mode()
+        return (z.float() * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).cpu()
 
     def __call__(self, prompt, negative_prompt: str = "", num_frames: int = 49, height: int = 480, width: int = 720,
                  steps: int = 50, guidance: float = 6.0, seed: int = 0, dynamic_cfg: bool = False,
@@ -215,6 +225,20 @@ class MimirPipeline:
         latents = self.denoise(cond, uncond, num_frames, height, width, steps, guidance, seed, dynamic_cfg,
                                callback=callback)
         return latents if output_type == "latent" else self.decode(latents, tiling=tiling, slicing=slicing)
+
+
+def tiles_fit(vae) -> bool:
+    """diffusers' tiled CogVideoX decode is exact only when its latent tile stride, in pixels, equals the pixel
+    rows each tile keeps. The published VAE's tiles (240 x 360 px) fit; small VAEs (sample size 32 gives 16 px
+    tiles) do not, and tiled decoding would return frames of the wrong size, so those decode whole."""
+    up = 2 ** (len(vae.config.block_out_channels) - 1)
+    for latent_tile, pixel_tile, overlap in ((vae.tile_latent_min_height, vae.tile_sample_min_height,
+                                              vae.tile_overlap_factor_height),
+                                             (vae.tile_latent_min_width, vae.tile_sample_min_width,
+                                              vae.tile_overlap_factor_width)):
+        if int(latent_tile * (1 - overlap)) * up != pixel_tile - int(pixel_tile * overlap):
+            return False
+    return True
 
 
 def _fuser_args(features: TextFeatures):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from ..mimir.loading import SCHEDULERS
-from ..mimir.offload import module_dtype
 from ..mimir.pipeline import VAE_SPATIAL, VAE_TEMPORAL, MimirPipeline, check_video_size
 from . import comfy_services as services
 
@@ -131,20 +130,6 @@ def _vae_space_latents(latent, vae) -> torch.Tensor:
     return samples
 
 
-def tiles_fit(vae) -> bool:
-    """diffusers' tiled CogVideoX decode is exact only when its latent tile stride, in pixels, equals the pixel
-    rows each tile keeps. The published VAE's tiles (240 x 360 px) fit; small VAEs (sample size 32 gives 16 px
-    tiles) do not, and tiled decoding would return frames of the wrong size, so those decode whole."""
-    up = 2 ** (len(vae.config.block_out_channels) - 1)
-    for latent_tile, pixel_tile, overlap in ((vae.tile_latent_min_height, vae.tile_sample_min_height,
-                                              vae.tile_overlap_factor_height),
-                                             (vae.tile_latent_min_width, vae.tile_sample_min_width,
-                                              vae.tile_overlap_factor_width)):
-        if int(latent_tile * (1 - overlap)) * up != pixel_tile - int(pixel_tile * overlap):
-            return False
-    return True
-
-
 class MimirDecode:
     @classmethod
     def INPUT_TYPES(cls):
@@ -167,8 +152,7 @@ class MimirDecode:
         z = _vae_space_latents(samples, vae).float().permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
         services.check_interrupted()
         bar = services.progress_bar(1)
-        frames = MimirPipeline(None, vae, None, placement=services.placement()).decode(
-            z, tiling=tiling and tiles_fit(vae))
+        frames = MimirPipeline(None, vae, None, placement=services.placement()).decode(z, tiling=tiling)
         bar.update_absolute(1, 1)
         return (frames.reshape(-1, *frames.shape[2:]),)
 
@@ -196,10 +180,9 @@ class MimirVAEEncode:
             check_video_size(*images.shape[:3])
         except ValueError as exc:
             raise ValueError(f"images: {exc}") from exc
-        video = images[..., :3].permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1  # [1, 3, F, H, W] in -1..1
-        with services.placement().stage(vae) as device:
-            z = vae.encode(video.to(device=device, dtype=module_dtype(vae))).latent_dist.mode()
-        return ({"samples": z.float().cpu()},)
+        pipe = MimirPipeline(None, vae, None, placement=services.placement())
+        latents = pipe.encode_video(images.unsqueeze(0))  # diffusion space, [1, T, C, h, w]
+        return ({"samples": (latents / vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()},)
 
 
 NODE_CLASS_MAPPINGS = {

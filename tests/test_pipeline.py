@@ -104,7 +104,8 @@ def test_decode_gives_frames_in_unit_range():
     frames = pipe(PROMPT, num_frames=9, height=32, width=48, steps=2)
     assert frames.shape == (1, 9, 32, 48, 3) and frames.dtype == torch.float32
     assert 0.0 <= frames.min() and frames.max() <= 1.0
-    tiled = pipe.decode(pipe(PROMPT, num_frames=9, height=32, width=48, steps=2, output_type="latent"), slicing=True)
+    tiled = pipe.decode(pipe(PROMPT, num_frames=9, height=32, width=48, steps=2, output_type="latent"), tiling=True,
+                        slicing=True)  # the tiny VAE's tiles do not fit diffusers' scheme: decoded whole
     torch.testing.assert_close(tiled, frames)
 
 
