@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from mimir.testing import real_scheduler
-from mimir.train import TrainConfig, load_config, main_train
+from mimir.train import load_config, main_train
 from mimir.train.data import GlobalOrder
 from mimir.train.model import LRSchedule
 
@@ -95,3 +95,22 @@ def test_v_loss_is_cogvideox_x0_weighted_loss():
     weights = (1 / (1 - scheduler.alphas_cumprod.double()[t])).view(-1, 1, 1, 1, 1)
     cogvideox = (weights * (x0_pred - x0) ** 2).mean()
     assert torch.allclose(cogvideox, ((v_pred - v) ** 2).mean(), rtol=1e-9)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(__file__).resolve().parents[1] / "mimir" / "train" / "configs"
+    runs = {p.name: load_config(p) for p in folder.glob("mimir_*.yaml")} | {"tiny_cpu.yaml": load_config(folder / "tiny_cpu.yaml")}
+    assert runs["mimir_5b.yaml"].gradient_checkpointing and runs["mimir_5b_lora.yaml"].dit == "lora"
+    launch = {p.name: load_config_from_file(str(p)) for p in folder.glob("accelerate_*.yaml")}
+    assert {n: (c.distributed_type.value, c.num_processes) for n, c in launch.items()} == {
+        "accelerate_ddp.yaml": ("MULTI_GPU", 8), "accelerate_deepspeed_zero2.yaml": ("DEEPSPEED", 8),
+        "accelerate_deepspeed_zero3.yaml": ("DEEPSPEED", 8), "accelerate_fsdp.yaml": ("FSDP", 8)}
+    assert launch["accelerate_deepspeed_zero2.yaml"].deepspeed_config["zero_stage"] == 2
+    assert launch["accelerate_fsdp.yaml"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "CogVideoXBlock"
+    from diffusers.models.transformers import cogvideox_transformer_3d
+
+    assert hasattr(cogvideox_transformer_3d, "CogVideoXBlock")  # the class FSDP wraps exists under that name

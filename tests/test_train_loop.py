@@ -115,3 +115,18 @@ def test_lora_export_loads_and_generates_like_the_trained_model(cache, tmp_path)
                           atol=1e-5)
     frames = loaded("a blue square moves up", num_frames=9, height=16, width=16, steps=2, guidance=3.0)
     assert frames.shape == (1, 9, 16, 16, 3) and torch.isfinite(frames).all()
+
+
+def test_what_trains_follows_dit_and_fuser_lr(cache, tmp_path):
+    """dit=frozen trains only the fuser; fuser_lr=0 leaves the fuser as it was while the DiT moves."""
+    initial = tiny_train_components()
+    changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    frozen = tiny_train_components()
+    train(config_for(cache, tmp_path / "frozen", max_steps=2, lr=1e-2, dit="frozen"), frozen, progress=False)
+    assert changed(frozen["fuser"], initial["fuser"]) and not changed(frozen["transformer"], initial["transformer"])
+    saved = load_file(str(list_checkpoints(tmp_path / "frozen")[-1] / WEIGHTS))
+    assert saved and all(k.startswith("fuser.") for k in saved)  # a checkpoint holds only what trains
+    still = tiny_train_components()
+    train(config_for(cache, tmp_path / "still", max_steps=2, lr=1e-2, fuser_lr=0.0, weight_decay=0.1), still,
+          progress=False)
+    assert not changed(still["fuser"], initial["fuser"]) and changed(still["transformer"], initial["transformer"])

@@ -5,4 +5,4 @@ from .commands import main_cache, main_train
 from .config import TrainConfig, load_config
 from .loop import train
 
-__all__ = ["TrainConfig", "load_config", "train", "build_cache", "main_train", "main_cache"]
+__all__ = ["TrainConfig", "build_cache", "load_config", "main_cache", "main_train", "train"]

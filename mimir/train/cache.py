@@ -7,6 +7,7 @@ Layout of a cache folder:
                               metadata lists each clip's video and caption, and the videos that were skipped
     empty.safetensors         the empty prompt's features (text dropout for classifier-free guidance)
     prompts.safetensors       the validation prompts' features, when there are any
+    listing.json              dataset entries skipped before decoding (no caption, malformed CSV/JSONL rows)
 A shard is written to a temporary name and renamed, so an interrupted run leaves only whole shards; running the
 command again computes the missing ones. Several processes (accelerate launch) split the shards between them.
 """
@@ -36,7 +37,7 @@ from .model import encode_latent_params, fuser_file, load_components, write_fres
 
 logger = logging.getLogger(__name__)
 FORMAT = "mimir-train-cache"
-META, EMPTY, PROMPTS = "meta.json", "empty.safetensors", "prompts.safetensors"
+META, EMPTY, PROMPTS, LISTING = "meta.json", "empty.safetensors", "prompts.safetensors", "listing.json"
 FEATURE_KEYS = ("t5", "llm", "llm_mask", "instructions")
 
 
@@ -136,10 +137,9 @@ def build_cache(config: TrainConfig, components: dict | None = None, progress: b
     bar.close()
     if state.is_main_process:
         _write_prompts(pipe, config, folder)
+        (folder / LISTING).write_text(json.dumps({"skipped": skipped}, indent=2))
     state.wait_for_everyone()
-    summary = describe_cache(folder)
-    summary["skipped"] = {**skipped, **summary["skipped"]}
-    return summary
+    return describe_cache(folder)
 
 
 def _start_folder(folder: Path, meta: dict) -> None:
@@ -192,8 +192,9 @@ def cached_prompts(folder: Path) -> list[str]:
 
 def describe_cache(folder) -> dict:
     """Clips and skipped videos over all shards (read from their headers only)."""
-    meta = read_meta(folder)
-    clips, skipped, shards = 0, {}, sorted(Path(folder).glob("shard-*.safetensors"))
+    meta, listing = read_meta(folder), Path(folder) / LISTING
+    skipped = json.loads(listing.read_text())["skipped"] if listing.is_file() else {}
+    clips, shards = 0, sorted(Path(folder).glob("shard-*.safetensors"))
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -224,7 +225,8 @@ class CachedDataset(Dataset):
         index, position = key
         shard, i, caption = self.entries[index]
         with safe_open(str(shard), framework="pt") as f:
-            names = [n for n in FEATURE_KEYS if f"{i}.{n}" in f.keys()]
+            keys = set(f.keys())
+            names = [n for n in FEATURE_KEYS if f"{i}.{n}" in keys]
             features = {n: f.get_tensor(f"{i}.{n}") for n in names}
             latent_params = f.get_tensor(f"{i}.latent_params")
         return {"position": position, "latent_params": latent_params, "features": features, "caption": caption}

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import TrainConfig, load_config
+from .model import fuser_file
 
 
 def _fields_help() -> str:
@@ -49,6 +50,10 @@ def check_paths(config: TrainConfig, command: str) -> None:
         read_meta(config.cache)
     elif not config.data:
         raise ValueError("mimir train needs data= (a dataset) or cache= (a feature cache from `mimir cache`)")
+    folders = [config.cache] if command == "cache" else [f for f in (config.cache, config.output_dir) if f]
+    if not config.model.startswith("tiny") and not config.llm and all(fuser_file(config, f) is None for f in folders):
+        raise ValueError(f"{config.model} has no fuser.safetensors: give fuser= (a fuser file) or llm= (an LLM "
+                         f"folder, to start a fresh fuser)")
 
 
 def main_train(argv: list[str] | None = None) -> int:
@@ -64,7 +69,11 @@ def main_train(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     from .loop import train
 
-    summary = train(config)
+    try:
+        summary = train(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"mimir train: error: {error}", file=sys.stderr)
+        return 2
     shown = {k: summary[k] for k in ("run_dir", "steps", "first_loss", "final_loss", "skipped_videos", "checkpoint",
                                      "export", "loss_curve", "steps_per_second")}
     print(json.dumps(shown, indent=2))
@@ -82,7 +91,11 @@ def main_cache(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     from .cache import build_cache
 
-    summary = build_cache(config)
+    try:
+        summary = build_cache(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"mimir cache: error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({k: summary[k] for k in ("cache", "shards", "clips")} | {"skipped_videos": len(summary["skipped"])},
                      indent=2))
     return 0

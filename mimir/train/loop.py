@@ -18,12 +18,14 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, gather_object, set_seed
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel
@@ -34,18 +36,63 @@ from tqdm.auto import tqdm
 from ..offload import Placement
 from ..pipeline import MimirPipeline, rotary_embeddings
 from ..video import write_video
-from .cache import CachedDataset, check_meta, describe_cache, feature_rows, stack_features
-from .checkpoint import (list_checkpoints, load_checkpoint, register_weight_hooks, remove_partial, resolve_resume,
-                         save_checkpoint)
+from .cache import (
+    CachedDataset,
+    check_meta,
+    describe_cache,
+    stack_features,
+)
+from .checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    register_weight_hooks,
+    remove_partial,
+    resolve_resume,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import GlobalOrder, VideoDataset, collate, read_clips
 from .export import export_model
 from .metrics import Metrics
-from .model import (Denoiser, LRSchedule, cast, describe_trainable, encode_latent_params, fuser_file, load_components,
-                    make_optimizer, setup_trainable, trainable_parameters, weight_dtype, write_fresh_fuser)
+from .model import (
+    Denoiser,
+    LRSchedule,
+    cast,
+    describe_trainable,
+    encode_latent_params,
+    fuser_file,
+    load_components,
+    make_optimizer,
+    setup_trainable,
+    trainable_parameters,
+    weight_dtype,
+    write_fresh_fuser,
+)
 
 logger = logging.getLogger(__name__)
 StepHook = Callable[[int, float], None]  # (step done, loss) after each optimizer step; may raise to stop
+
+
+@dataclass
+class Run:
+    """What one training run holds between steps."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    pipe: MimirPipeline  # frozen encoders + the live fuser and DiT
+    dataset: object  # VideoDataset or CachedDataset
+    model: torch.nn.Module  # the prepared Denoiser (DDP / DeepSpeed / FSDP wrapped)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: LRSchedule
+    params: list  # trained parameters (of the unwrapped modules)
+    ema: EMAModel | None
+    scaling: float  # VAE scaling factor
+    empty_row: dict | None  # the empty prompt's cached features
+    prompts: object  # features of "" + validation prompts
+    skipped: dict  # videos skipped so far {path: reason}
+    trainable: dict
+    start_step: int = 0
 
 
 def train(config: TrainConfig, components: dict | None = None, on_step: StepHook | None = None,
@@ -53,12 +100,85 @@ def train(config: TrainConfig, components: dict | None = None, on_step: StepHook
     """Train (or resume) the run in `config.output_dir`. `components`: MimirPipeline keyword arguments to use
     instead of loading `config.model`. -> run summary (also written to summary.json)."""
     started = time.perf_counter()
+    run = setup(config, components)
+    run_dir, main = Path(config.output_dir), run.accelerator.is_main_process
+    batches = iter(data_loader(run))
+    metrics = Metrics(run_dir, run.start_step, main, config.tensorboard)
+    bar = tqdm(total=config.max_steps, initial=run.start_step, desc="training", unit="step",
+               disable=not (progress and main))
+    losses, checkpoint, loop_start = [], None, time.perf_counter()
+    for step in range(run.start_step, config.max_steps):
+        loss, grad_norm = optimizer_step(run, batches)
+        done, lr = step + 1, config.lr * run.schedule(step)
+        losses.append((done, loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}")
+        if done % config.log_every == 0 or done == config.max_steps:
+            fuser_lr = (config.lr if config.fuser_lr is None else config.fuser_lr) * run.schedule(step)
+            metrics.log(done, {"loss": loss, "lr": lr, "fuser_lr": fuser_lr, "grad_norm": grad_norm,
+                               "seconds": time.perf_counter() - started})
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps:
+            run.skipped = all_skipped(run.accelerator, run.skipped)
+            checkpoint = save_checkpoint(run.accelerator, run_dir, done, run_state(run, done), config.keep_checkpoints)
+            metrics.plot()
+        if config.validate_every and done % config.validate_every == 0:
+            validate(run, done)
+        if on_step is not None:
+            on_step(done, loss)
+    bar.close()
+    del batches  # stops the loader's worker processes
+    loop_seconds = time.perf_counter() - loop_start
+    exported = export(run) if config.export and run.start_step < config.max_steps else None
+    metrics.close()
+    steps_run = config.max_steps - run.start_step
+    summary = {
+        "run_dir": str(run_dir), "start_step": run.start_step, "steps": config.max_steps,
+        "processes": run.accelerator.num_processes,
+        "global_batch": config.batch_size * run.accelerator.num_processes * config.grad_accum,
+        "first_loss": losses[0][1] if losses else None, "final_loss": losses[-1][1] if losses else None,
+        "losses": losses, "skipped_videos": len(run.skipped), "skipped": run.skipped, "trainable": run.trainable,
+        "checkpoint": str(checkpoint) if checkpoint else None, "export": exported,
+        "loss_curve": str(run_dir / "loss.png"), "seconds": time.perf_counter() - started,
+        "steps_per_second": steps_run / loop_seconds if steps_run else None,
+    }
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return summary
+
+
+def optimizer_step(run: Run, batches) -> tuple[float, float | None]:
+    """grad_accum micro-batches, one optimizer step. -> (loss averaged over micro-batches and processes,
+    gradient norm before clipping)."""
+    config, accelerator = run.config, run.accelerator
+    losses, grad_norm = [], None
+    for _ in range(config.grad_accum):
+        batch = next(batches)
+        run.skipped.update(batch["skipped"])
+        with accelerator.accumulate(run.model):
+            loss = diffusion_loss(run.model, run.pipe, batch, config, run.empty_row, run.scaling, accelerator.device)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    run.lr_scheduler.step()
+    if run.ema is not None:
+        run.ema.step(run.params)
+    loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+    return loss, None if grad_norm is None else float(grad_norm)
+
+
+# ---- set-up ----------------------------------------------------------------------------------------------
+
+def setup(config: TrainConfig, components: dict | None) -> Run:
+    """Accelerator, data, models, optimizer; the checkpoint's state when resuming."""
     run_dir = Path(config.output_dir)
     accelerator = make_accelerator(config)
     resume_from = start_run(accelerator, config, run_dir)
     set_seed(config.seed)
-
-    # ---- data, models, optimizer ----
     dataset, skipped = open_dataset(config)
     pipe = open_pipeline(accelerator, config, components, run_dir)
     scaling = check_features(config, dataset, pipe)
@@ -77,92 +197,35 @@ def train(config: TrainConfig, components: dict | None = None, on_step: StepHook
     ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None
     accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
     register_weight_hooks(accelerator)
-
-    # ---- resume ----
-    start_step = 0
+    run = Run(config, accelerator, pipe, dataset, model, optimizer, lr_scheduler, schedule, params, ema, scaling,
+              empty_row, prompts, skipped, describe_trainable(denoiser))
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
-        start_step, skipped = state["step"], {**skipped, **state["skipped"]}
+        run.start_step, run.skipped = state["step"], {**skipped, **state["skipped"]}
         if state["global_batch"] != config.batch_size * accelerator.num_processes:
             logger.warning("resuming with a global batch of %d instead of %d: the sample order changes",
                            config.batch_size * accelerator.num_processes, state["global_batch"])
-        logger.info("resumed from %s at step %d", resume_from, start_step)
-    order = GlobalOrder(len(dataset), config.batch_size, accelerator.process_index, accelerator.num_processes,
-                        config.seed, start=start_step * config.grad_accum)
-    batches = iter(DataLoader(dataset, batch_size=config.batch_size, sampler=order, collate_fn=collate,
-                              num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda"))
-
-    # ---- the loop ----
-    metrics = Metrics(run_dir, start_step, accelerator.is_main_process, config.tensorboard)
-    bar = tqdm(total=config.max_steps, initial=start_step, desc="training", unit="step",
-               disable=not (progress and accelerator.is_main_process))
-    losses, checkpoint, loop_start = [], None, time.perf_counter()
-    for step in range(start_step, config.max_steps):
-        step_losses, grad_norm = [], None
-        for _ in range(config.grad_accum):
-            batch = next(batches)
-            skipped.update(batch["skipped"])
-            with accelerator.accumulate(model):
-                loss = diffusion_loss(model, pipe, batch, config, empty_row, scaling, accelerator.device)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_losses.append(loss.detach())
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(params)
-        loss = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
-        losses.append((step + 1, loss))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{config.lr * schedule(step):.3g}")
-        done = step + 1
-        if done % config.log_every == 0 or done == config.max_steps:
-            fuser_lr = config.lr if config.fuser_lr is None else config.fuser_lr
-            metrics.log(done, {"loss": loss, "lr": config.lr * schedule(step), "fuser_lr": fuser_lr * schedule(step),
-                               "grad_norm": None if grad_norm is None else float(grad_norm),
-                               "seconds": time.perf_counter() - started})
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps:
-            skipped = all_skipped(accelerator, skipped)
-            checkpoint = save_checkpoint(accelerator, run_dir, done, run_state(config, accelerator, done, skipped),
-                                         config.keep_checkpoints)
-            metrics.plot()
-        if config.validate_every and done % config.validate_every == 0:
-            validate(accelerator, pipe, config, prompts, done, run_dir, ema, params)
-        if on_step is not None:
-            on_step(done, loss)
-    bar.close()
-    del batches  # stops the loader's worker processes
-    loop_seconds = time.perf_counter() - loop_start
-
-    # ---- the end ----
-    exported = None
-    if config.export and start_step < config.max_steps:
-        exported = export(accelerator, pipe, config, run_dir, ema, params)
-    metrics.close()
-    steps_run = config.max_steps - start_step
-    summary = {
-        "run_dir": str(run_dir), "start_step": start_step, "steps": config.max_steps, "processes":
-            accelerator.num_processes, "global_batch": config.batch_size * accelerator.num_processes * config.grad_accum,
-        "first_loss": losses[0][1] if losses else None, "final_loss": losses[-1][1] if losses else None,
-        "losses": losses, "skipped_videos": len(skipped), "skipped": skipped, "trainable": describe_trainable(denoiser),
-        "checkpoint": str(checkpoint) if checkpoint else None, "export": exported, "loss_curve": str(run_dir / "loss.png"),
-        "seconds": time.perf_counter() - started, "steps_per_second": steps_run / loop_seconds if steps_run else None,
-    }
-    if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+        logger.info("resumed from %s at step %d", resume_from, run.start_step)
+    return run
 
 
-# ---- set-up ----------------------------------------------------------------------------------------------
+def data_loader(run: Run) -> DataLoader:
+    """Batches of this process, from the run's data position on (see data.GlobalOrder)."""
+    config, accelerator = run.config, run.accelerator
+    order = GlobalOrder(len(run.dataset), config.batch_size, accelerator.process_index, accelerator.num_processes,
+                        config.seed, start=run.start_step * config.grad_accum)
+    return DataLoader(run.dataset, batch_size=config.batch_size, sampler=order, collate_fn=collate,
+                      num_workers=config.num_workers, pin_memory=accelerator.device.type == "cuda")
+
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA device is available")
     cpu = config.device == "cpu" or not torch.cuda.is_available()
+    # train() may run several times in one process (tests, notebooks, the demo recipe) with other precision
+    # settings: start from a fresh accelerator state, keeping the process group (PartialState)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
 
 
@@ -230,9 +293,10 @@ def validation_features(config: TrainConfig, dataset, pipe: MimirPipeline, empty
     return pipe.encode_features([""] + list(config.validation_prompts), seed=config.seed)
 
 
-def run_state(config: TrainConfig, accelerator: Accelerator, step: int, skipped: dict) -> dict:
+def run_state(run: Run, step: int) -> dict:
+    config = run.config
     return {"step": step, "micro_batches": step * config.grad_accum,
-            "global_batch": config.batch_size * accelerator.num_processes, "skipped": skipped,
+            "global_batch": config.batch_size * run.accelerator.num_processes, "skipped": run.skipped,
             "config": config.to_dict()}
 
 
@@ -307,9 +371,9 @@ def ema_weights(ema, params):
         ema.restore(params)
 
 
-def validate(accelerator: Accelerator, pipe: MimirPipeline, config: TrainConfig, features, step: int, run_dir: Path,
-             ema, params) -> list[Path]:
+def validate(run: Run, step: int) -> list[Path]:
     """Videos of the validation prompts with the live fuser and DiT (main process)."""
+    accelerator, config, pipe = run.accelerator, run.config, run.pipe
     if sharded(accelerator):
         logger.warning("validation videos need unsharded weights (DDP or ZeRO-2); skipped under FSDP / ZeRO-3")
         return []
@@ -317,31 +381,33 @@ def validate(accelerator: Accelerator, pipe: MimirPipeline, config: TrainConfig,
     if accelerator.is_main_process:
         live = MimirPipeline(pipe.transformer, pipe.vae, type(pipe.scheduler).from_config(pipe.scheduler.config),
                              fuser=pipe.fuser, placement=Placement(accelerator.device, accelerator.device))
-        modules = (pipe.fuser, pipe.transformer)
-        for m in modules:
-            m.eval()
-        with ema_weights(ema, params), torch.no_grad(), accelerator.autocast():
-            fused = live.fuse(features)
+        trained = (pipe.fuser, pipe.transformer)
+        for module in trained:
+            module.eval()
+        with ema_weights(run.ema, run.params), torch.no_grad(), accelerator.autocast():
+            fused = live.fuse(run.prompts)
             uncond, cond = fused[:1].expand(fused.shape[0] - 1, -1, -1), fused[1:]
             latents = live.denoise(cond, uncond, config.num_frames, config.height, config.width,
                                    config.validation_steps, config.validation_guidance, config.seed)
-            with pipe.placement.stage(pipe.vae):
+            with pipe.placement.stage(pipe.vae):  # the VAE may wait on the CPU (offload)
                 frames = live.decode(latents)
-        for m in modules:
-            m.train()
-        for i, video in enumerate(frames):
-            paths.append(write_video(video, run_dir / "validation" / f"step-{step:08d}-{i}.mp4", config.validation_fps))
+        for module in trained:
+            module.train()
+        folder = Path(config.output_dir) / "validation"
+        paths = [write_video(video, folder / f"step-{step:08d}-{i}.mp4", config.validation_fps)
+                 for i, video in enumerate(frames)]
     accelerator.wait_for_everyone()
     return paths
 
 
-def export(accelerator: Accelerator, pipe: MimirPipeline, config: TrainConfig, run_dir: Path, ema, params):
-    if sharded(accelerator):
+def export(run: Run) -> dict | None:
+    """Fuser + DiT (EMA weights when kept) into output_dir/export (main process)."""
+    if sharded(run.accelerator):
         logger.warning("export needs unsharded weights (DDP or ZeRO-2); under FSDP / ZeRO-3 use the checkpoints")
         return None
     exported = None
-    if accelerator.is_main_process:
-        with ema_weights(ema, params):
-            exported = export_model(pipe, config, run_dir / "export")
-    accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        with ema_weights(run.ema, run.params):
+            exported = export_model(run.pipe, run.config, Path(run.config.output_dir) / "export")
+    run.accelerator.wait_for_everyone()
     return exported

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..fuser import FuserConfig, TokenFuser, save_fuser
+from ..loading import inspect, load_pipeline, load_scheduler, load_token_fuser, load_transformer, load_vae
+from ..testing import tiny_components
 from .config import TrainConfig
 from .data import pixels_to_vae_input
 
@@ -38,17 +40,14 @@ def fuser_file(config: TrainConfig, fresh_dir) -> Path | None:
     return fresh if fresh.is_file() else None
 
 
-def write_fresh_fuser(config: TrainConfig, folder, fuser_config: FuserConfig | None = None) -> Path:
-    """A new fuser (zero-convs at zero, e_l ~ N(0, 0.02) from `seed`) for a plain CogVideoX + an LLM."""
-    if fuser_config is None:
-        from ..loading import inspect
-
-        if not config.llm:
-            raise ValueError(f"{config.model} has no {FUSER_FILE}: give fuser= (a fuser file) or llm= (an LLM "
-                             f"folder, to start a fresh fuser)")
-        t5_dim = inspect(config.model)["components"]["text_encoder"]["dims"]["d_model"]
-        llm_dim = inspect(config.llm)["dims"]["hidden_size"]
-        fuser_config = FuserConfig(t5_dim=t5_dim, llm_dim=llm_dim)
+def write_fresh_fuser(config: TrainConfig, folder) -> Path:
+    """A new fuser (zero-convs at zero, e_l ~ N(0, 0.02) from `seed`; the spec's default settings) for a plain
+    CogVideoX + an LLM, its dims read from their configs."""
+    if not config.llm:
+        raise ValueError(f"{config.model} has no {FUSER_FILE}: give fuser= (a fuser file) or llm= (an LLM folder, "
+                         f"to start a fresh fuser)")
+    t5_dim = inspect(config.model)["components"]["text_encoder"]["dims"]["d_model"]
+    fuser_config = FuserConfig(t5_dim=t5_dim, llm_dim=inspect(config.llm)["dims"]["hidden_size"])
     torch.manual_seed(config.seed)
     path = Path(folder) / FRESH_FUSER
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,22 +60,14 @@ def load_components(config: TrainConfig, fuser_path: Path | None, encoders: bool
     without `vae` no VAE: a cached run needs neither in memory."""
     dtype = weight_dtype(config)
     if config.model.startswith("tiny"):
-        from ..testing import tiny_components
-
         parts = tiny_components(variant=config.model.partition(":")[2] or "2b")
         if fuser_path is not None:
-            from ..loading import load_token_fuser
-
             parts["fuser"] = load_token_fuser(fuser_path, dtype=torch.float32)[0]
     elif encoders:
-        from ..loading import load_pipeline
-
         pipe = load_pipeline(config.model, dtype=dtype, fuser_path=fuser_path, llm_path=config.llm)
         parts = {name: getattr(pipe, name) for name in ("transformer", "vae", "scheduler", "tokenizer",
                                                         "text_encoder", "llm", "llm_tokenizer", "fuser")}
     else:
-        from ..loading import load_scheduler, load_token_fuser, load_transformer, load_vae
-
         fuser = load_token_fuser(fuser_path, dtype=torch.float32)[0]
         parts = dict(fuser=fuser, scheduler=load_scheduler(config.model),
                      transformer=load_transformer(config.model, dtype, text_len=fuser.config.out_len)[0],

@@ -1,0 +1,85 @@
+"""`mimir cache`: training from the cache equals training from the videos; the cache resumes shard by shard."""
+
+import os
+
+import pytest
+import torch
+
+from mimir.train import TrainConfig, build_cache, main_cache, train
+from mimir.train.cache import CachedDataset, describe_cache, shard_name
+from mimir.train.loop import sample_generator
+from mimir.train.synthetic import tiny_train_components, write_square_clips
+
+SIZE = dict(num_frames=9, height=16, width=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train_cache") / "clips"
+    write_square_clips(folder, count=5, frames=9, size=16)
+    return folder
+
+
+def seed_with_one_dropped_caption(batch_size: int, dropout: float) -> int:
+    """A seed whose first batch drops some captions but not all, so both feature paths are exercised."""
+    for seed in range(100):
+        dropped = [torch.rand((), generator=sample_generator(seed, p)) < dropout for p in range(batch_size)]
+        if 0 < sum(dropped) < batch_size:
+            return seed
+    raise AssertionError("no such seed")
+
+
+def test_first_step_loss_from_cache_equals_raw_video(clips, tmp_path):
+    seed = seed_with_one_dropped_caption(3, 0.5)
+    common = dict(model="tiny", device="cpu", batch_size=3, max_steps=1, text_dropout=0.5, seed=seed, num_workers=0,
+                  lr=1e-3, tensorboard=False, export=False, **SIZE)
+    cached = TrainConfig(data=str(clips), cache=str(tmp_path / "cache"), output_dir=str(tmp_path / "from_cache"), **common)
+    build_cache(cached, tiny_train_components(), progress=False)
+    raw = TrainConfig(data=str(clips), output_dir=str(tmp_path / "from_video"), **common)
+    from_video = train(raw, tiny_train_components(), progress=False)["first_loss"]
+    from_cache = train(cached, tiny_train_components(), progress=False)["first_loss"]
+    print(f"first-step loss: from video {from_video:.8f}, from cache {from_cache:.8f}")
+    assert from_cache == pytest.approx(from_video, rel=1e-5)
+
+
+def test_cache_resumes_missing_shards_only(clips, tmp_path, capsys):
+    folder = tmp_path / "cache"
+    argv = [f"data={clips}", f"cache={folder}", "model=tiny", "device=cpu", "cache_shard_size=2",
+            "validation_prompts=[a red square moves up]", "num_frames=9", "height=16", "width=16"]
+    assert main_cache(argv) == 0
+    shards = sorted(folder.glob("shard-*.safetensors"))
+    assert [s.name for s in shards] == [shard_name(k) for k in range(3)]  # 5 clips, 2 per shard
+    first = CachedDataset(folder)
+    assert len(first) == 5 and (folder / "empty.safetensors").is_file()
+    assert first.prompt_rows(["a red square moves up"])[0]["t5"].shape == (16, 32)
+    os.utime(shards[0], (1, 1))  # an old time stamp, kept if the shard is not rewritten
+    shards[1].unlink()  # as if the run had been killed before this shard was renamed into place
+    (folder / (shard_name(1) + ".tmp")).write_bytes(b"half a shard")
+    assert main_cache(argv) == 0
+    assert shards[1].is_file() and shards[0].stat().st_mtime == 1
+    again = CachedDataset(folder)
+    for i in range(5):
+        a, b = first[(i, 0)], again[(i, 0)]
+        assert torch.equal(a["latent_params"], b["latent_params"]) and torch.equal(a["features"]["llm"], b["features"]["llm"])
+    assert describe_cache(folder)["clips"] == 5
+    assert '"clips": 5' in capsys.readouterr().out
+
+
+def test_cache_refuses_other_settings(clips, tmp_path):
+    config = TrainConfig(model="tiny", data=str(clips), cache=str(tmp_path / "cache"), device="cpu",
+                         cache_shard_size=8, **SIZE)
+    build_cache(config, tiny_train_components(), progress=False)
+    other = TrainConfig(**{**config.to_dict(), "num_frames": 5})
+    with pytest.raises(ValueError, match="num_frames: cache has 9, this run 5"):
+        build_cache(other, tiny_train_components(), progress=False)
+    with pytest.raises(ValueError, match="num_frames: cache has 9, this run 5"):
+        train(TrainConfig(**{**other.to_dict(), "output_dir": str(tmp_path / "run"), "num_workers": 0}),
+              tiny_train_components(), progress=False)
