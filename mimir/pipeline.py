@@ -145,6 +145,7 @@ class MimirPipeline:
             dtype = module_dtype(self.transformer)
             text = torch.cat([uncond, cond]) if use_cfg else cond
             text = text.to(device=device, dtype=dtype)
+            fit_text_positions(self.transformer, text.shape[1])
             timesteps = self._timesteps(steps, strength if latents is not None else 1.0, device)
             latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
             extra = 0 if cfg.patch_size_t is None else (-latent_frames) % cfg.patch_size_t  # 1.5: pad to patch_size_t
@@ -225,6 +226,20 @@ class MimirPipeline:
         latents = self.denoise(cond, uncond, num_frames, height, width, steps, guidance, seed, dynamic_cfg,
                                callback=callback)
         return latents if output_type == "latent" else self.decode(latents, tiling=tiling, slicing=slicing)
+
+
+def fit_text_positions(transformer, text_len: int) -> None:
+    """Sin-cos (CogVideoX-2B style) transformers lay out positions for a fixed text length; resize them (a
+    buffer, not weights) so a stream of any length fits. Rotary transformers read the length at run time."""
+    embed = transformer.patch_embed
+    if not embed.use_positional_embeddings or embed.use_learned_positional_embeddings:
+        return
+    if embed.max_text_seq_length != text_len:
+        embed.max_text_seq_length = text_len
+        positions = embed._get_positional_embeddings(embed.sample_height, embed.sample_width, embed.sample_frames,
+                                                     device=embed.pos_embedding.device)
+        embed.register_buffer("pos_embedding", positions, persistent=False)
+        transformer.register_to_config(max_text_seq_length=text_len)
 
 
 def tiles_fit(vae) -> bool:

@@ -29,10 +29,9 @@ def _text_stream(cond, input_name: str, model) -> torch.Tensor:
         raise ValueError(f"{input_name}: conditioning of shape {list(stream.shape)}, but this model reads "
                          f"[1, tokens, {config.text_embed_dim}]; connect Mimir Text Encode or Mimir T5 Text Encode "
                          f"made with this model's T5 (CLIP Text Encode does not fit)")
-    if model.info.dims["positional_embeddings"] != "rotary" and stream.shape[1] != config.max_text_seq_length:
-        raise ValueError(f"{input_name}: {stream.shape[1]} text tokens, but this model has {model.info.dims['positional_embeddings']} "
-                         f"positions for exactly {config.max_text_seq_length} text tokens (CogVideoX-2B style); use "
-                         f"the encoder this model was trained with")
+    if model.info.dims["positional_embeddings"] == "learned" and stream.shape[1] != config.max_text_seq_length:
+        raise ValueError(f"{input_name}: {stream.shape[1]} text tokens, but this model has learned positions for "
+                         f"exactly {config.max_text_seq_length} text tokens; use the encoder it was trained with")
     return stream
 
 

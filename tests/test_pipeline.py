@@ -137,3 +137,16 @@ def test_placement_moves_each_model_only_for_its_stage():
         with placement.stage(Recorder("dit")):
             raise RuntimeError("boom")
     assert moves == [("dit", "cuda"), ("dit", "cpu")]  # back to the offload device even when the stage fails
+
+
+def test_sincos_transformer_takes_a_stream_of_another_length():
+    """A 2B-style model loaded for 16 + 4 fused tokens still runs plain T5 streams (16), e.g. for a baseline."""
+    c = tiny_components(variant="2b", stabilizer_tokens=4)
+    pipe = MimirPipeline(**c)
+    t5 = pipe.encode_features([PROMPT, ""]).t5
+    reference = tiny_components(variant="2b", stabilizer_tokens=0)["transformer"]  # same seed: same weights
+    assert reference.config.max_text_seq_length == 16 and c["transformer"].config.max_text_seq_length == 20
+    expected = MimirPipeline(reference, c["vae"], c["scheduler"]).denoise(t5[:1], t5[1:], 9, 32, 32, steps=2)
+    ours = pipe.denoise(t5[:1], t5[1:], 9, 32, 32, steps=2)
+    assert torch.equal(ours, expected)
+    assert c["transformer"].config.max_text_seq_length == 16
