@@ -12,8 +12,10 @@ from mimir.train import TrainConfig, build_cache, train
 from mimir.train.checkpoint import WEIGHTS, list_checkpoints
 from mimir.train.metrics import read_metrics
 from mimir.train.synthetic import tiny_train_components, write_square_clips
+from mimir.video import read_video
 
 SIZE = dict(num_frames=9, height=16, width=16)
+PROMPT = "a red square moves right"
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +31,8 @@ def one_thread():
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_loop")
     write_square_clips(root / "clips", count=4, frames=9, size=16)
-    config = TrainConfig(model="tiny", data=str(root / "clips"), cache=str(root / "cache"), device="cpu", **SIZE)
+    config = TrainConfig(model="tiny", data=str(root / "clips"), cache=str(root / "cache"), device="cpu",
+                         validation_prompts=[PROMPT], **SIZE)
     build_cache(config, tiny_train_components(), progress=False)
     return root / "cache"
 
@@ -86,9 +89,13 @@ def test_kill_and_resume_is_exact(cache, tmp_path):
 
 def test_lora_export_loads_and_generates_like_the_trained_model(cache, tmp_path):
     config = config_for(None, tmp_path / "run", max_steps=3, lr=5e-2, dit="lora", lora_rank=4, lora_alpha=4.0,
-                        export=True, data=str(cache.parent / "clips"), text_dropout=0.0)
+                        export=True, data=str(cache.parent / "clips"), text_dropout=0.0, tensorboard=True,
+                        validate_every=3, validation_prompts=[PROMPT, "a blue square moves up"], validation_steps=2)
     parts = tiny_train_components()
     summary = train(config, parts, progress=False)
+    for i in range(2):  # validation videos from the live (LoRA) model, computing the prompts' features
+        assert read_video(tmp_path / "run" / "validation" / f"step-00000003-{i}.mp4").shape == (9, 16, 16, 3)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     exported = summary["export"]
     assert set(exported) == {"fuser", "transformer", "pipeline"}
     # the trained model, rebuilt: a fresh tiny DiT + LoRA adapter with the checkpoint's trained weights
@@ -122,7 +129,10 @@ def test_what_trains_follows_dit_and_fuser_lr(cache, tmp_path):
     initial = tiny_train_components()
     changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     frozen = tiny_train_components()
-    train(config_for(cache, tmp_path / "frozen", max_steps=2, lr=1e-2, dit="frozen"), frozen, progress=False)
+    train(config_for(cache, tmp_path / "frozen", max_steps=2, lr=1e-2, dit="frozen", validate_every=2,
+                     validation_prompts=[PROMPT], validation_steps=2), frozen, progress=False)
+    # validation from a cache: the prompt's features were cached, only the VAE is loaded to decode
+    assert read_video(tmp_path / "frozen" / "validation" / "step-00000002-0.mp4").shape == (9, 16, 16, 3)
     assert changed(frozen["fuser"], initial["fuser"]) and not changed(frozen["transformer"], initial["transformer"])
     saved = load_file(str(list_checkpoints(tmp_path / "frozen")[-1] / WEIGHTS))
     assert saved and all(k.startswith("fuser.") for k in saved)  # a checkpoint holds only what trains

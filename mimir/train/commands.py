@@ -15,7 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from .cache import build_cache, read_meta
 from .config import TrainConfig, load_config
+from .loop import train
 from .model import fuser_file
 
 
@@ -35,8 +37,6 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def check_paths(config: TrainConfig, command: str) -> None:
     """Inputs that must exist before `command` ("train" or "cache") loads anything."""
-    from .cache import read_meta
-
     if not config.model.startswith("tiny") and not Path(config.model).exists():
         raise ValueError(f"model {config.model}: no such folder")
     for name in ("llm", "fuser", "data"):
@@ -67,8 +67,6 @@ def main_train(argv: list[str] | None = None) -> int:
         check_paths(config, "train")
     except ValueError as error:
         parser.error(str(error))
-    from .loop import train
-
     try:
         summary = train(config)
     except (ValueError, FileNotFoundError) as error:
@@ -89,8 +87,6 @@ def main_cache(argv: list[str] | None = None) -> int:
         check_paths(config, "cache")
     except ValueError as error:
         parser.error(str(error))
-    from .cache import build_cache
-
     try:
         summary = build_cache(config)
     except (ValueError, FileNotFoundError) as error:

@@ -94,6 +94,7 @@ class VideoDataset(Dataset):
         if not clips:
             raise ValueError("the dataset has no usable (video, caption) pairs")
         self.clips, self.size = clips, (num_frames, height, width, stride)
+        self.unreadable: set[int] = set()  # indices known bad (per loader worker): not decoded again
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -102,12 +103,16 @@ class VideoDataset(Dataset):
         index, position = key
         skipped = {}
         for attempt in range(len(self.clips)):
-            clip = self.clips[(index + attempt) % len(self.clips)]
+            i = (index + attempt) % len(self.clips)
+            if i in self.unreadable:
+                continue
+            clip = self.clips[i]
             try:
                 pixels = load_clip(clip, *self.size)
             except VideoReadError as error:
                 logger.warning("skipping video %s: %s", clip.video, error)
                 skipped[str(clip.video)] = str(error)
+                self.unreadable.add(i)
                 continue
             return {"position": position, "pixels": pixels, "caption": clip.caption, "skipped": skipped}
         raise ValueError(f"none of the {len(self.clips)} videos of the dataset could be read: {skipped}")

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from ..fuser import FuserConfig, TokenFuser, save_fuser
-from ..loading import inspect, load_pipeline, load_scheduler, load_token_fuser, load_transformer, load_vae
+from ..loading import (
+    inspect,
+    load_pipeline,
+    load_scheduler,
+    load_token_fuser,
+    load_transformer,
+    load_vae,
+)
 from ..testing import tiny_components
 from .config import TrainConfig
 from .data import pixels_to_vae_input
