@@ -16,6 +16,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from diffusers.utils.torch_utils import randn_tensor
 
+from .fuser import FuserConfig
 from .offload import Placement, module_dtype
 from .prompt_cache import PromptCache, encode_features_cached
 from .text import LLMTextEncoder, TextFeatures, encode_t5
@@ -73,20 +74,26 @@ class MimirPipeline:
         return self._llm_encoder
 
     @torch.no_grad()
-    def encode_features(self, prompts: list[str], seed: int | None = None, callback=None) -> TextFeatures | torch.Tensor:
-        """Frozen-encoder features; T5 alone (a tensor) when there is no fuser (plain CogVideoX)."""
+    def encode_features(self, prompts: list[str], seed: int | None = None, callback=None,
+                        config: FuserConfig | None = None) -> TextFeatures | torch.Tensor:
+        """Frozen-encoder features; T5 alone (a tensor) when there is no fuser (plain CogVideoX). `config`
+        overrides the fuser's encoding settings (answer tokens, instructions) for this call."""
+        config = config or (self.fuser.config if self.fuser is not None else None)
+        text_len = config.text_len if config is not None else self.text_len
         with self.placement.stage(self.text_encoder) as device:
-            t5 = encode_t5(self.tokenizer, self.text_encoder, prompts, max_length=self.text_len, device=device)
+            t5 = encode_t5(self.tokenizer, self.text_encoder, prompts, max_length=text_len, device=device)
         if self.fuser is None:
             return t5
-        with self.placement.stage(self.llm) as device:
-            llm, mask, instructions = self.llm_encoder()(prompts, seed=seed, callback=callback)
-        return TextFeatures(t5, llm, mask, instructions)
+        with self.placement.stage(self.llm):
+            encoder = self.llm_encoder() if config == self.fuser.config else LLMTextEncoder(self.llm, self.llm_tokenizer,
+                                                                                           config)
+            llm, mask, instructions = encoder(prompts, seed=seed, callback=callback)
+        return TextFeatures(t5, llm, mask, instructions).to("cpu")
 
     @torch.no_grad()
     def fuse(self, features: TextFeatures | torch.Tensor) -> torch.Tensor:
-        """Features -> the DiT's text stream [B, n (+K), D], in the transformer's dtype."""
-        dtype = module_dtype(self.transformer)
+        """Features -> the DiT's text stream [B, n (+K), D], in the transformer's dtype (fp32 without one)."""
+        dtype = module_dtype(self.transformer) if self.transformer is not None else torch.float32
         if isinstance(features, torch.Tensor):
             return features.to(dtype)
         with self.placement.stage(self.fuser) as device:

@@ -12,7 +12,8 @@ import re
 import torch
 
 from ..mimir.loading import T5_TEXT_LEN
-from ..mimir.text import LLMTextEncoder, TextFeatures, encode_t5
+from ..mimir.pipeline import MimirPipeline
+from ..mimir.text import TextFeatures, encode_t5
 from . import comfy_services as services
 
 CATEGORY = "Mimir/conditioning"
@@ -51,12 +52,10 @@ def _check_widths(t5, llm, fuser) -> None:
                          f"{cfg.llm_dim}; load the LLM the fuser was trained with")
 
 
-@torch.no_grad()
-def fuse(fuser, features: TextFeatures) -> torch.Tensor:
-    """Encoded features -> the DiT's text stream, on the compute device only for the fuser's stage."""
-    with services.placement().stage(fuser) as device:
-        f = features.to(device=device)
-        return fuser(f.t5, f.llm, f.llm_mask, f.instructions).cpu()
+def _pipeline(t5=None, llm=None, fuser=None) -> MimirPipeline:
+    """A text-only MimirPipeline over the loaded encoders, placed by ComfyUI's model management."""
+    return MimirPipeline(None, None, None, t5 and t5.tokenizer, t5 and t5.model, llm and llm.model,
+                         llm and llm.tokenizer, fuser, placement=services.placement())
 
 
 class MimirTextEncode:
@@ -95,23 +94,17 @@ class MimirTextEncode:
     def encode(self, t5, llm, fuser, prompt, answer_tokens, instructions, answer_seed):
         _check_widths(t5, llm, fuser)
         config = _encoder_config(fuser, answer_tokens, instructions)
-        placement = services.placement()
+        pipe = _pipeline(t5, llm, fuser)
         services.check_interrupted()
-        with placement.stage(t5.model) as device:
-            t5_tokens = encode_t5(t5.tokenizer, t5.model, [prompt], max_length=config.text_len, device=device)
         bar = services.progress_bar(max(config.answer_tokens, 1))
 
         def on_token(done, total):
             services.check_interrupted()
             bar.update_absolute(done, total)
 
-        with placement.stage(llm.model):
-            tokens, mask, instruction_tokens = LLMTextEncoder(llm.model, llm.tokenizer, config)(
-                [prompt], seed=answer_seed, callback=on_token)
+        features = pipe.encode_features([prompt], seed=answer_seed, callback=on_token, config=config)
         bar.update_absolute(bar.total, bar.total)
-        features = TextFeatures(t5_tokens.cpu(), tokens.cpu(), mask.cpu(),
-                                None if instruction_tokens is None else instruction_tokens.cpu())
-        return conditioning(fuse(fuser, features), "mimir"), features
+        return conditioning(pipe.fuse(features), "mimir"), features
 
 
 class MimirT5TextEncode:
@@ -188,7 +181,7 @@ class MimirLoadEncodedPrompt:
             fuser.check_inputs(features.t5, features.llm, features.llm_mask, features.instructions)
         except ValueError as exc:
             raise ValueError(f"encoded_prompt: {encoded_prompt} does not fit this fuser: {exc}") from exc
-        return (conditioning(fuse(fuser, features), "mimir"),)
+        return (conditioning(_pipeline(fuser=fuser).fuse(features), "mimir"),)
 
 
 NODE_CLASS_MAPPINGS = {
