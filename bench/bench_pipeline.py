@@ -2,7 +2,7 @@
 
 Config: tiny T5 (d_model 32) and Phi-3 LLM (hidden 48) from mimir.testing, a fresh fuser with no stabilizer
 tokens (so Mimir's text stream equals plain CogVideoX's), a CogVideoX-2B-style transformer with 2 layers of
-4 heads x 32 (sin-cos positions), the tiny VAE, DDIM with the 2B checkpoint's settings; 9 frames at 64 x 64,
+4 heads x 32 (sin-cos positions), the tiny VAE, DDIM with the 2B checkpoint's settings; 9 frames at 32 x 32,
 8 steps, CFG 6, batch 1, fp32.
 
 Two comparisons, timed interleaved in one run:
@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-from common import DEVICE, MIB, Row, check, interleaved, median, median_ratio, peak_memory, table
+from common import DEVICE, MIB, Row, check, interleaved, median, median_ratio, peak_memory, ratio_spread, table
 from mimir.offload import Placement
 from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_components
 
 PROMPT = "a red circle moves to the left and a blue square spins"
-FRAMES, SIZE, STEPS, GUIDANCE = 9, 64, 8, 6.0
+FRAMES, SIZE, STEPS, GUIDANCE = 9, 32, 8, 6.0
 
 
 def components() -> dict:
@@ -39,7 +39,7 @@ def components() -> dict:
     return c
 
 
-def run(repeats: int = 13) -> list[Row]:
+def run(repeats: int = 31) -> list[Row]:
     c = components()
     mimir = MimirPipeline(**c, placement=Placement(DEVICE, DEVICE))
     ref = CogVideoXPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], vae=c["vae"],
@@ -72,7 +72,8 @@ def run(repeats: int = 13) -> list[Row]:
         ratio = median_ratio(times, f"mimir_{part}", f"diffusers_{part}")
         target, met = check(ratio, "<=", 1.05) if part == "dd" else ("", None)
         detail = f"median {median(times[f'mimir_{part}']) * 1e3:.1f} ms vs " \
-                 f"{median(times[f'diffusers_{part}']) * 1e3:.1f} ms, {repeats} interleaved repeats; {where}"
+                 f"{median(times[f'diffusers_{part}']) * 1e3:.1f} ms, {repeats} interleaved repeats " \
+                 f"({ratio_spread(times, f'mimir_{part}', f'diffusers_{part}')}); {where}"
         if part == "dd":
             detail += f"; latents max abs diff {diff:g}"
         rows.append(Row(f"Mimir / diffusers wall time, {label}", ratio, target, met, detail))

@@ -70,6 +70,12 @@ def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
+def ratio_spread(times: dict[str, list[float]], a: str, b: str) -> str:
+    """Quartiles of the per-round ratios: how much the machine's load moved them."""
+    q1, _, q3 = statistics.quantiles([x / y for x, y in zip(times[a], times[b])], n=4)
+    return f"per-round ratios' quartiles {q1:.2f}-{q3:.2f}"
+
+
 class PeakTensorMemory(TorchDispatchMode):
     """Peak bytes of live CPU tensors allocated inside the `with` block (see the module doc). `resident` is
     added to the current count; the offload benchmark books model weights there."""
