@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..offload import Placement
-from ..pipeline import MimirPipeline, rotary_embeddings
+from ..pipeline import MimirPipeline, fit_text_positions, rotary_embeddings
 from ..video import write_video
 from .cache import (
     CachedDataset,
@@ -268,6 +268,7 @@ def open_pipeline(accelerator: Accelerator, config: TrainConfig, components: dic
     for name in ("text_encoder", "llm", "vae"):
         if parts.get(name) is not None:
             cast(parts[name], weight_dtype(config)).to(placement.offload_device).requires_grad_(False)
+    fit_text_positions(parts["transformer"], parts["fuser"].config.out_len)  # 2B: sin-cos positions for n + K
     return MimirPipeline(**parts, placement=placement)
 
 
