@@ -70,6 +70,7 @@ def test_fp8_bf16_compute_dtype_is_reported_and_used():
     ref = run(dit())
     enable_fp8_storage(tr, torch.bfloat16)
     assert module_dtype(tr) == torch.bfloat16  # not float8: the pipeline casts its inputs to this
+    assert module_dtype(tr.transformer_blocks) == torch.bfloat16  # whose first parameter is an fp8 weight
     out = run(tr, torch.bfloat16)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, ref) < 0.06
