@@ -124,7 +124,8 @@ class MimirPipeline:
         """Switch between CogVideoX's DDIM and DPM schedulers, keeping the checkpoint's noise settings."""
         if kind not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {kind!r}")
-        self.scheduler = SCHEDULERS[kind].from_config(self.scheduler.config)
+        if type(self.scheduler) is not SCHEDULERS[kind]:  # from_config costs ~10 ms: the sampler node calls this per run
+            self.scheduler = SCHEDULERS[kind].from_config(self.scheduler.config)
 
     # ---- denoising -------------------------------------------------------------------------------------
     def _rotary(self, height: int, width: int, latent_frames: int, device):
