@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import DEVICE, header, table  # noqa: E402
+from common import DEVICE, header, table
 
 BENCHMARKS = {
     "pipeline": "Mimir vs diffusers CogVideoXPipeline, identical components",
