@@ -35,6 +35,13 @@ def _generate_parser(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available)")
     p.add_argument("--offload-device", default="cpu", help="where idle models wait between stages")
+    p.add_argument("--fp8", action="store_true", help="store the DiT's block weights in fp8 (e4m3fn), upcast per layer")
+    p.add_argument("--blocks-to-swap", type=int, default=0,
+                   help="keep this many DiT blocks on the offload device, moved in just in time (less GPU memory)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (first step compiles)")
+    p.add_argument("--prompt-cache", nargs="?", const="", default=None, metavar="DIR",
+                   help="reuse encoded prompts (default folder ~/.cache/mimir/prompts): a cached prompt loads "
+                        "neither T5 nor the LLM")
     p.add_argument("--tiling", action="store_true", help="VAE tiled decoding (less memory)")
     p.add_argument("--slicing", action="store_true", help="VAE decodes one video of the batch at a time")
     p.add_argument("--fps", type=int, default=8)
@@ -49,25 +56,76 @@ def _resolve_device(args):
     return device, dtype
 
 
-def _load(args, device, dtype):
+def _load(args, device, dtype, cached: bool = False):
     from .loading import DEMO_MODEL_DIR, load_pipeline, load_transformer, load_vae
     from .offload import Placement
 
     placement = Placement(device, args.offload_device)
-    folder = args.model or (DEMO_MODEL_DIR if DEMO_MODEL_DIR.is_dir() else None)
+    folder = _model_folder(args)
     if folder is None:
         return _smoke_pipeline(placement), "smoke"
     pipe = load_pipeline(folder, dtype=dtype, device=args.offload_device, placement=placement,
-                         fuser_path=args.fuser, llm_path=args.llm, trust_remote_code=args.trust_remote_code)
+                         fuser_path=args.fuser, llm_path=args.llm, trust_remote_code=args.trust_remote_code,
+                         text_encoders=not cached)
     if args.no_fuser:
         pipe.fuser = pipe.llm = None
     if args.transformer:
-        text_len = pipe.text_len + (pipe.fuser.config.stabilizer_tokens if pipe.fuser else 0)
+        text_len = pipe.fuser.config.out_len if pipe.fuser else pipe.text_len
         pipe.transformer, _ = load_transformer(args.transformer, dtype=dtype, device=args.offload_device, text_len=text_len)
     if args.vae:
         pipe.vae, _ = load_vae(args.vae, dtype=dtype, device=args.offload_device)
     pipe.use_scheduler(args.scheduler)
+    _memory_options(args, pipe, device)
     return pipe, "demo" if folder == DEMO_MODEL_DIR else str(folder)
+
+
+def _model_folder(args):
+    from .loading import DEMO_MODEL_DIR
+
+    return args.model or (DEMO_MODEL_DIR if DEMO_MODEL_DIR.is_dir() else None)
+
+
+def _memory_options(args, pipe, device) -> None:
+    from .memory import compile_blocks, enable_block_swap, enable_fp8_storage
+    from .offload import module_dtype
+
+    if args.fp8:
+        enable_fp8_storage(pipe.transformer, module_dtype(pipe.transformer))
+    if args.blocks_to_swap:
+        enable_block_swap(pipe.transformer, args.blocks_to_swap, device, args.offload_device)
+    if args.compile:
+        compile_blocks(pipe.transformer)
+
+
+def _prompt_cache(args, prompts: list[str]):
+    """-> (cache, key identities, all prompts cached?) or None. Identities come from the model files, so a
+    cached prompt needs neither T5 nor the LLM loaded."""
+    from .fuser import read_fuser_config
+    from .loading import pipeline_paths
+    from .prompt_cache import PromptCache, encoding_key_parts, model_identity
+
+    folder = _model_folder(args)
+    if args.prompt_cache is None or folder is None or args.no_fuser:
+        return None
+    root, fuser_path, llm_folder = pipeline_paths(folder, args.fuser, args.llm)
+    if fuser_path is None:
+        return None
+    cache = PromptCache(args.prompt_cache or None)
+    ids = model_identity(root / "text_encoder") + model_identity(root / "tokenizer"), model_identity(llm_folder)
+    config = read_fuser_config(fuser_path)
+    hit = all(cache.get(encoding_key_parts(p, *ids, config, args.seed)) is not None for p in prompts)
+    return cache, ids, hit
+
+
+def _encode(args, pipe, prompts: list[str], cached):
+    """The text streams of `prompts`, through the prompt cache when one is used."""
+    from .prompt_cache import encode_features_cached
+
+    if cached is None:
+        return pipe.fuse(pipe.encode_features(prompts, seed=args.seed))
+    cache, (t5_id, llm_id), _ = cached
+    features = encode_features_cached(pipe, prompts, cache, seed=args.seed, t5_identity=t5_id, llm_identity=llm_id)
+    return pipe.fuse(features)
 
 
 def _smoke_pipeline(placement):
@@ -94,15 +152,21 @@ def cmd_generate(args) -> int:
 
     device, dtype = _resolve_device(args)
     start = time.perf_counter()
-    pipe, name = _load(args, device, dtype)
+    if args.frames is not None or args.height is not None or args.width is not None:
+        check_video_size(args.frames or 49, args.height or 480, args.width or 720)  # fail before loading models
+    guided = args.guidance > 1.0
+    prompts = [args.negative_prompt, args.prompt] if guided else [args.prompt]
+    cached = _prompt_cache(args, prompts)
+    pipe, name = _load(args, device, dtype, cached=bool(cached and cached[2]))
     _defaults(args, pipe, name)
     check_video_size(args.frames, args.height, args.width)
+    streams = _encode(args, pipe, prompts, cached)
+    cond, uncond = (streams[1:], streams[:1]) if guided else (streams, None)
     bar = tqdm(total=args.steps, desc="denoising", unit="step")
-    frames = pipe(args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
-                  width=args.width, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                  dynamic_cfg=args.dynamic_cfg, tiling=args.tiling, slicing=args.slicing,
-                  callback=lambda i, n, x: bar.update(1))
+    latents = pipe.denoise(cond, uncond, args.frames, args.height, args.width, args.steps, args.guidance, args.seed,
+                           args.dynamic_cfg, callback=lambda i, n, x: bar.update(1))
     bar.close()
+    frames = pipe.decode(latents, tiling=args.tiling, slicing=args.slicing)
     write_video(frames[0], args.output, fps=args.fps)
     print(f"wrote {args.output} ({args.frames} frames, {args.width}x{args.height}, model: {name}, "
           f"{time.perf_counter() - start:.1f} s)")

@@ -643,10 +643,30 @@ def load_scheduler(path_or_kind, variant: str = "5b", kind: str | None = None):
 # ---- pipeline --------------------------------------------------------------------------------------------
 
 def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None = None, fuser_path=None,
-                  llm_path=None, trust_remote_code: bool = False) -> MimirPipeline:
+                  llm_path=None, trust_remote_code: bool = False, text_encoders: bool = True) -> MimirPipeline:
     """A MimirPipeline from a diffusers CogVideoX folder, plus llm/ and fuser.safetensors when present (or the
     paths given). Without a fuser it is plain CogVideoX. Models wait on the placement's offload device (default:
-    `device`)."""
+    `device`). text_encoders=False skips T5 and the LLM (for prompts already encoded, e.g. cached)."""
+    root, fuser_path, llm_folder = pipeline_paths(folder, fuser_path, llm_path)
+    placement = placement or Placement(device, device)
+    where = placement.offload_device
+    fuser = llm = llm_tokenizer = text_encoder = tokenizer = None
+    if fuser_path is not None:
+        fuser, _ = load_token_fuser(fuser_path, dtype, where)
+        if text_encoders:
+            llm, llm_tokenizer, _ = load_llm(llm_folder, dtype, where, trust_remote_code=trust_remote_code)
+    text_len = fuser.config.out_len if fuser is not None else T5_TEXT_LEN
+    transformer, _ = load_transformer(root, dtype, where, text_len=text_len)
+    vae, _ = load_vae(root, dtype, where)
+    if text_encoders:
+        text_encoder, tokenizer, _ = load_t5(root, dtype=dtype, device=where)
+    _check_text_dims(fuser, text_encoder, transformer)
+    return MimirPipeline(transformer, vae, load_scheduler(root), tokenizer, text_encoder, llm, llm_tokenizer, fuser,
+                         placement)
+
+
+def pipeline_paths(folder, fuser_path=None, llm_path=None) -> tuple[Path, Path | None, Path | None]:
+    """-> (pipeline root, fuser file or None, LLM folder or None), checked without loading any weights."""
     root = _existing(folder)
     missing = [name for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
                if not (root / name).is_dir()]
@@ -654,20 +674,7 @@ def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None 
         raise ValueError(f"{root}: not a CogVideoX pipeline folder: it lacks {', '.join(s + '/' for s in missing)}")
     fuser_path = _existing(fuser_path) if fuser_path is not None else root / FUSER_FILE
     fuser_path = fuser_path if fuser_path.exists() else None
-    llm_folder = _mimir_llm(root, fuser_path, llm_path)
-    placement = placement or Placement(device, device)
-    where = placement.offload_device
-    fuser = llm = llm_tokenizer = None
-    if fuser_path is not None:
-        fuser, _ = load_token_fuser(fuser_path, dtype, where)
-        llm, llm_tokenizer, _ = load_llm(llm_folder, dtype, where, trust_remote_code=trust_remote_code)
-    text_len = fuser.config.out_len if fuser is not None else T5_TEXT_LEN
-    transformer, _ = load_transformer(root, dtype, where, text_len=text_len)
-    vae, _ = load_vae(root, dtype, where)
-    text_encoder, tokenizer, _ = load_t5(root, dtype=dtype, device=where)
-    _check_text_dims(fuser, text_encoder, transformer)
-    return MimirPipeline(transformer, vae, load_scheduler(root), tokenizer, text_encoder, llm, llm_tokenizer, fuser,
-                         placement)
+    return root, fuser_path, _mimir_llm(root, fuser_path, llm_path)
 
 
 def _mimir_llm(root: Path, fuser_path: Path | None, llm_path) -> Path | None:
@@ -687,7 +694,7 @@ def _mimir_llm(root: Path, fuser_path: Path | None, llm_path) -> Path | None:
 
 def _check_text_dims(fuser, text_encoder, transformer) -> None:
     width = transformer.config.text_embed_dim
-    if text_encoder.config.d_model != width:
+    if text_encoder is not None and text_encoder.config.d_model != width:
         raise ValueError(f"the T5 encoder is {text_encoder.config.d_model} wide but the transformer reads "
                          f"{width}-wide text (text_embed_dim)")
     if fuser is not None and fuser.config.t5_dim != width:

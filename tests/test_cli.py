@@ -2,6 +2,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from mimir.cli import main
 from mimir.fuser import FuserConfig, TokenFuser, save_fuser
@@ -71,3 +72,32 @@ def test_inspect_reports_the_fuser_config(model_dir, capsys):
     assert code == 0
     report = json.loads(stdout)
     assert "48" in json.dumps(report) and "stabilizer_tokens" in json.dumps(report)
+
+
+def test_prompt_cache_second_run_loads_neither_t5_nor_llm(model_dir, tmp_path, capsys, monkeypatch):
+    import mimir.loading
+
+    args = ["generate", "a red circle moves to the left", "--model", model_dir, "--steps", 1,
+            "--prompt-cache", tmp_path / "cache"]
+    assert run(capsys, *args, "-o", tmp_path / "a.mp4")[0] == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # the prompt and the empty negative
+
+    def refuse(*a, **k):
+        raise AssertionError("a cached prompt must not load text encoders")
+
+    monkeypatch.setattr(mimir.loading, "load_llm", refuse)
+    monkeypatch.setattr(mimir.loading, "load_t5", refuse)
+    code, stdout, err = run(capsys, *args, "-o", tmp_path / "b.mp4")
+    assert code == 0, err
+    assert torch.equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "b.mp4"))
+
+
+def test_memory_flags(model_dir, tmp_path, capsys):
+    common = ["generate", "two blue squares", "--model", model_dir, "--steps", 2]
+    assert run(capsys, *common, "-o", tmp_path / "plain.webp")[0] == 0
+    assert run(capsys, *common, "--blocks-to-swap", 1, "-o", tmp_path / "swap.webp")[0] == 0
+    assert torch.equal(read_video(tmp_path / "plain.webp"), read_video(tmp_path / "swap.webp"))  # exact on CPU
+    assert run(capsys, *common, "--fp8", "-o", tmp_path / "fp8.webp")[0] == 0
+    assert read_video(tmp_path / "fp8.webp").shape == read_video(tmp_path / "plain.webp").shape
+    code, _, err = run(capsys, *common, "--blocks-to-swap", 9, "-o", tmp_path / "x.webp")
+    assert code == 2 and "blocks_to_swap must be in 1..2" in err
