@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from ..mimir.offload import Placement
+from ..mimir.prompt_cache import default_folder
 
 try:
     import comfy.model_management as _mm
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 # Model folders this pack adds to ComfyUI's (also settable in extra_model_paths.yaml under the same names).
 PACK_FOLDERS = {"LLM": "LLM", "mimir": "mimir"}
 PROMPTS_FOLDER = "mimir_prompts"  # encoded prompts, saved under ComfyUI's output directory
+PROMPT_CACHE_FOLDER = "mimir_prompt_cache"  # Mimir Text Encode's cache, under ComfyUI's user directory
 FOLDER_MARKERS = ("model_index.json", "config.json")  # a folder holding one of these is one model
 _fallback = {"models_dir": None, "output_dir": None}
 
@@ -103,6 +105,15 @@ def prompts_dir() -> Path:
         raise RuntimeError("no folder for encoded prompts: the mimir_prompts model folder has no path")
     roots[0].mkdir(parents=True, exist_ok=True)
     return roots[0]
+
+
+def prompt_cache_dir() -> Path:
+    """Where Mimir Text Encode caches encoded prompts: ComfyUI's user directory (kept across restarts, unlike
+    its temp directory, which ComfyUI empties at start). Outside ComfyUI: mimir's own default cache folder
+    ($MIMIR_PROMPT_CACHE or ~/.cache/mimir/prompts)."""
+    if IN_COMFYUI:
+        return Path(_folder_paths.get_user_directory()) / PROMPT_CACHE_FOLDER
+    return default_folder()
 
 
 def bundled_t5_tokenizer() -> Path | None:

@@ -2,7 +2,8 @@
 
 Every loader reads through `mimir.loading` (the one place that knows checkpoint layouts) and lists its files
 through ComfyUI's model folders. Models are loaded onto ComfyUI's offload device and visit the compute
-device only while their stage runs. The bundled demo model appears as "mimir-demo (bundled)" once it exists.
+device only while their stage runs; the T5 and LLM load on first use, so a prompt answered by the prompt cache
+costs no text-model load. The bundled demo model appears as "mimir-demo (bundled)" once it exists.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from ..mimir.loading import (DEMO_MODEL_DIR, FUSER_FILE, SNR_SHIFT_SCALE, ComponentInfo, load_llm, load_scheduler,
                              load_t5, load_token_fuser, load_transformer, load_vae)
 from ..mimir.memory import enable_block_swap, enable_fp8_storage
+from ..mimir.prompt_cache import model_identity
 from . import comfy_services as services
 
 logger = logging.getLogger(__name__)
@@ -29,20 +31,67 @@ DTYPE_TOOLTIP = ("Weights' dtype in memory. auto keeps the dtype stored in the f
 CATEGORY = "Mimir/loaders"
 
 
-@dataclass
-class MimirT5:
-    """MIMIR_T5: a T5 encoder with its tokenizer."""
-    model: torch.nn.Module
-    tokenizer: object
-    info: ComponentInfo
+class _LazyTextModel:
+    """A text model and its tokenizer, loaded on first use of `model`, `tokenizer` or `info` (or `get()`): a
+    loader node only resolves the files, so a prompt found in the prompt cache never loads the weights."""
+
+    def __init__(self, path: Path, dtype: str | None):
+        self.path, self.dtype = path, dtype
+        self._loaded = None
+
+    def _load(self) -> tuple:
+        raise NotImplementedError
+
+    def get(self) -> tuple:
+        """-> (model, tokenizer, ComponentInfo), loading them onto ComfyUI's offload device the first time."""
+        if self._loaded is None:
+            self._loaded = self._load()
+        return self._loaded
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    model = property(lambda self: self.get()[0])
+    tokenizer = property(lambda self: self.get()[1])
+    info = property(lambda self: self.get()[2])
+
+    def _files(self) -> list[Path]:
+        return [self.path]
+
+    def identity(self) -> str:
+        """What the prompt cache keys on: the files (paths, sizes, modification times; nothing loaded) and the
+        dtype the model computes in, which changes its features."""
+        return "+".join(model_identity(f) for f in self._files()) + f":{self.dtype or 'auto'}"
 
 
-@dataclass
-class MimirLLM:
-    """MIMIR_LLM: a transformers causal LM with its tokenizer."""
-    model: torch.nn.Module
-    tokenizer: object
-    info: ComponentInfo
+class MimirT5(_LazyTextModel):
+    """MIMIR_T5: a T5 encoder with its tokenizer (loaded on first use)."""
+
+    def __init__(self, path: Path, dtype: str | None, tokenizer_path: Path | None = None):
+        super().__init__(path, dtype)
+        self.tokenizer_path = tokenizer_path
+
+    def _load(self) -> tuple:
+        return load_t5(self.path, tokenizer_path=self.tokenizer_path, dtype=self.dtype,
+                       device=services.offload_device())
+
+    def _files(self) -> list[Path]:
+        # a diffusers text_encoder/ folder reads the tokenizer beside it (as mimir.loading does)
+        beside = self.path.parent / "tokenizer" if self.path.is_dir() else None
+        return [self.path, *(p for p in (self.tokenizer_path, beside) if p is not None and p.is_dir())]
+
+
+class MimirLLM(_LazyTextModel):
+    """MIMIR_LLM: a transformers causal LM with its tokenizer (loaded on first use)."""
+
+    def __init__(self, path: Path, dtype: str | None, trust_remote_code: bool = False):
+        super().__init__(path, dtype)
+        self.trust_remote_code = trust_remote_code
+
+    def _load(self) -> tuple:
+        return load_llm(self.path, dtype=self.dtype, device=services.offload_device(),
+                        trust_remote_code=self.trust_remote_code)
 
 
 @dataclass
@@ -99,9 +148,7 @@ class MimirT5Loader:
         if path.is_file() and tokenizer is None:
             raise ValueError(f"t5_name: {t5_name} is a single file, which holds no tokenizer, and ComfyUI's bundled "
                              f"T5 tokenizer was not found; use a transformers folder that has its tokenizer")
-        model, tok, info = load_t5(path, tokenizer_path=tokenizer, dtype=_dtype(dtype),
-                                   device=services.offload_device())
-        return (MimirT5(model, tok, info),)
+        return (MimirT5(path, _dtype(dtype), tokenizer_path=tokenizer),)
 
 
 class MimirLLMLoader:
@@ -131,9 +178,7 @@ class MimirLLMLoader:
         path = _resolve("LLM", llm_name, "llm_name", "llm")
         if path.is_file():
             raise ValueError(f"llm_name: {llm_name} is a file; an LLM is a transformers folder with config.json")
-        model, tokenizer, info = load_llm(path, dtype=_dtype(dtype), device=services.offload_device(),
-                                          trust_remote_code=trust_remote_code)
-        return (MimirLLM(model, tokenizer, info),)
+        return (MimirLLM(path, _dtype(dtype), trust_remote_code=trust_remote_code),)
 
 
 class MimirFuserLoader:

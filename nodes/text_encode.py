@@ -13,6 +13,7 @@ import torch
 
 from ..mimir.loading import T5_TEXT_LEN
 from ..mimir.pipeline import MimirPipeline
+from ..mimir.prompt_cache import PromptCache, encoding_key_parts
 from ..mimir.text import TextFeatures, encode_t5
 from . import comfy_services as services
 
@@ -41,14 +42,12 @@ def _encoder_config(fuser, answer_tokens: int, instructions: str):
                                instructions=_instructions(instructions, config))
 
 
-def _check_widths(t5, llm, fuser) -> None:
+def _check_widths(t5_width: int, llm_width: int, fuser) -> None:
     cfg = fuser.config
-    if t5.info.dims["d_model"] != cfg.t5_dim:
-        raise ValueError(f"t5: this T5 encoder is {t5.info.dims['d_model']} wide but the fuser expects "
-                         f"t5_dim={cfg.t5_dim}")
-    hidden = llm.model.config.hidden_size
-    if hidden != cfg.llm_dim:
-        raise ValueError(f"llm: this LLM has hidden size {hidden} but the fuser was trained for llm_dim="
+    if t5_width != cfg.t5_dim:
+        raise ValueError(f"t5: this T5 encoder is {t5_width} wide but the fuser expects t5_dim={cfg.t5_dim}")
+    if llm_width != cfg.llm_dim:
+        raise ValueError(f"llm: this LLM has hidden size {llm_width} but the fuser was trained for llm_dim="
                          f"{cfg.llm_dim}; load the LLM the fuser was trained with")
 
 
@@ -80,6 +79,13 @@ class MimirTextEncode:
                 "default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                 "tooltip": "Seed for the answer tokens when the fuser samples them; fusers trained with greedy "
                            "answers (the default) ignore it."}),
+        }, "optional": {
+            "prompt_cache": ("BOOLEAN", {
+                "default": True,
+                "tooltip": "Keep encoded prompts (T5 + LLM features, before the fuser) in ComfyUI's user folder "
+                           "(mimir_prompt_cache), keyed by the prompt, the T5 and LLM files and dtypes, the answer "
+                           "and instruction settings (and the seed when answers are sampled). A repeated prompt "
+                           "then loads and runs neither T5 nor the LLM. Off: always encode, write nothing."}),
         }}
 
     RETURN_TYPES = ("CONDITIONING", "MIMIR_TEXT_FEATURES")
@@ -91,20 +97,35 @@ class MimirTextEncode:
     DESCRIPTION = ("Encodes a prompt the Mimir way: T5 tokens plus the LLM's query, answer and instruction tokens, "
                    "merged by the token fuser.")
 
-    def encode(self, t5, llm, fuser, prompt, answer_tokens, instructions, answer_seed):
-        _check_widths(t5, llm, fuser)
+    def encode(self, t5, llm, fuser, prompt, answer_tokens, instructions, answer_seed, prompt_cache=True):
         config = _encoder_config(fuser, answer_tokens, instructions)
-        pipe = _pipeline(t5, llm, fuser)
         services.check_interrupted()
-        bar = services.progress_bar(max(config.answer_tokens, 1))
+        if not prompt_cache:
+            features = _encode(t5, llm, fuser, prompt, config, answer_seed)
+        else:
+            cache = PromptCache(services.prompt_cache_dir())
+            parts = encoding_key_parts(prompt, t5.identity(), llm.identity(), config, answer_seed)
+            features = cache.get(parts)
+            if features is None:
+                features = _encode(t5, llm, fuser, prompt, config, answer_seed)
+                cache.put(parts, features)
+            else:  # made by these encoders, but perhaps for a fuser of other widths
+                _check_widths(features.t5.shape[-1], features.llm.shape[-1], fuser)
+        return conditioning(_pipeline(fuser=fuser).fuse(features), "mimir"), features
 
-        def on_token(done, total):
-            services.check_interrupted()
-            bar.update_absolute(done, total)
 
-        features = pipe.encode_features([prompt], seed=answer_seed, callback=on_token, config=config)
-        bar.update_absolute(bar.total, bar.total)
-        return conditioning(pipe.fuse(features), "mimir"), features
+def _encode(t5, llm, fuser, prompt: str, config, seed: int):
+    """Run T5 and the LLM (loading them if needed) on one prompt, with a progress bar over the answer tokens."""
+    _check_widths(t5.info.dims["d_model"], llm.model.config.hidden_size, fuser)
+    bar = services.progress_bar(max(config.answer_tokens, 1))
+
+    def on_token(done, total):
+        services.check_interrupted()
+        bar.update_absolute(done, total)
+
+    features = _pipeline(t5, llm, fuser).encode_features([prompt], seed=seed, callback=on_token, config=config)
+    bar.update_absolute(bar.total, bar.total)
+    return features
 
 
 class MimirT5TextEncode:

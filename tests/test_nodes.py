@@ -66,6 +66,7 @@ def services(pack, tiny, tmp_path, monkeypatch):
     services = pack.nodes.comfy_services
     services.use_models_dir(tiny[0], output_dir=tmp_path / "output")
     monkeypatch.setattr(services, "bundled_t5_tokenizer", lambda: tiny[0] / "t5_tokenizer")
+    monkeypatch.setenv("MIMIR_PROMPT_CACHE", str(tmp_path / "prompt_cache"))  # the cache folder outside ComfyUI
     yield services
     services.use_models_dir(None)
 
@@ -90,9 +91,16 @@ def load_all(nodes, t5="tiny-t5", model="tiny_5b.safetensors"):
     )
 
 
-def encode(nodes, m, prompt=PROMPT, answer_tokens=-1, instructions=""):
+def encode(nodes, m, prompt=PROMPT, answer_tokens=-1, instructions="", answer_seed=0, prompt_cache=True):
     return run(nodes, "MimirTextEncode", t5=m["t5"], llm=m["llm"], fuser=m["fuser"], prompt=prompt,
-               answer_tokens=answer_tokens, instructions=instructions, answer_seed=0)
+               answer_tokens=answer_tokens, instructions=instructions, answer_seed=answer_seed,
+               prompt_cache=prompt_cache)
+
+
+def text_loaders(nodes, t5_dtype="auto"):
+    """Fresh T5 and LLM loader outputs (nothing loaded yet)."""
+    return dict(t5=run(nodes, "MimirT5Loader", t5_name="tiny-t5", dtype=t5_dtype)[0],
+                llm=run(nodes, "MimirLLMLoader", llm_name="tiny-phi3", dtype="auto", trust_remote_code=False)[0])
 
 
 def sample(nodes, model, pos, neg, **overrides):
@@ -114,7 +122,8 @@ WIDGETS = {
     "MimirFuserLoader": ["fuser_name"],
     "MimirModelLoader": ["model_name", "dtype", "blocks_to_swap"],
     "MimirVAELoader": ["vae_name", "dtype"],
-    "MimirTextEncode": ["t5", "llm", "fuser", "prompt", "answer_tokens", "instructions", "answer_seed"],
+    "MimirTextEncode": ["t5", "llm", "fuser", "prompt", "answer_tokens", "instructions", "answer_seed",
+                        "prompt_cache"],
     "MimirT5TextEncode": ["t5", "prompt", "text_len"],
     "MimirSaveEncodedPrompt": ["features", "name"],
     "MimirLoadEncodedPrompt": ["fuser", "encoded_prompt"],
@@ -165,11 +174,13 @@ def test_loaders_list_files_and_model_folders(nodes, services, tiny, tmp_path, m
 
 def test_loaders_report_what_they_loaded(nodes):
     m = load_all(nodes)
+    assert not m["t5"].loaded and not m["llm"].loaded  # the text models load on first use
     assert m["model"].info.variant == "custom" and m["model"].info.vae_scaling_factor == SCALING
     assert type(m["model"].scheduler).__name__ == "CogVideoXDDIMScheduler"
     assert m["model"].scheduler.config.snr_shift_scale == 1.0  # unknown variant: the 5B settings
     assert m["t5"].info.dims["d_model"] == 32 and m["llm"].model.config.hidden_size == 48
     assert m["fuser"].config.out_len == 20 and m["vae"].config.latent_channels == 4
+    assert m["t5"].loaded and m["llm"].loaded and m["llm"].get()[0] is m["llm"].model  # loaded once, kept
     folder = run(nodes, "MimirModelLoader", model_name="tiny-pipeline", dtype="fp32", blocks_to_swap=0)[0]
     assert folder.info.layout == "diffusers-folder"
     assert type(folder.scheduler).__name__ == "CogVideoXDPMScheduler"  # the folder's own scheduler
@@ -205,6 +216,63 @@ def test_answer_tokens_and_instructions_can_be_overridden(nodes, tiny):
         with torch.no_grad():
             assert torch.equal(got, c["fuser"](t5, llm, mask, instr))
         assert not torch.equal(got, encode(nodes, m)[0][0][0])
+
+
+def cache_files(services):
+    return sorted(services.prompt_cache_dir().glob("*.safetensors"))
+
+
+def test_a_cached_prompt_loads_neither_t5_nor_the_llm(nodes, services, tiny, pack, monkeypatch):
+    m = load_all(nodes)
+    uncached = encode(nodes, m, prompt_cache=False)
+    first = encode(nodes, m)
+    assert len(cache_files(services)) == 1 and torch.equal(first[0][0][0], uncached[0][0][0])
+    fresh = text_loaders(nodes)
+    with monkeypatch.context() as patch:
+        patch.setattr(pack.nodes.loaders, "load_t5", lambda *a, **k: pytest.fail("T5 was loaded"))
+        patch.setattr(pack.nodes.loaders, "load_llm", lambda *a, **k: pytest.fail("the LLM was loaded"))
+        cond, features = encode(nodes, {**m, **fresh})
+        assert not fresh["t5"].loaded and not fresh["llm"].loaded
+        assert torch.equal(cond[0][0], first[0][0][0]) and cond[0][1] == first[0][0][1]
+        for name in ("t5", "llm", "llm_mask", "instructions"):
+            assert torch.equal(getattr(features, name), getattr(first[1], name)), name
+        # greedy answers: the seed changes nothing, so it is no part of the key
+        assert torch.equal(encode(nodes, {**m, **fresh}, answer_seed=7)[0][0][0], cond[0][0])
+        # a hit checks the widths against the fuser it meets, still without loading anything
+        wide = run(nodes, "MimirFuserLoader", fuser_name="tiny_fuser.safetensors")[0]
+        wide.config = dataclasses.replace(wide.config, llm_dim=64)
+        with pytest.raises(ValueError, match="^llm: this LLM has hidden size 48 .*llm_dim=64"):
+            encode(nodes, {**m, **fresh, "fuser": wide})
+    assert len(cache_files(services)) == 1
+
+
+def test_changed_encoding_settings_miss_the_prompt_cache(nodes, services, tiny):
+    m = load_all(nodes)
+    encode(nodes, m)
+    lines = "Describe the shapes.\nDescribe the colours.\nDescribe the places.\nDescribe the counts."
+    sampled = run(nodes, "MimirFuserLoader", fuser_name="tiny_fuser.safetensors")[0]
+    sampled.config = dataclasses.replace(sampled.config, answer_sampling=True)
+    changes = [dict(prompt="two blue squares"), dict(answer_tokens=2), dict(instructions=lines),
+               dict(t5_dtype="fp32"), dict(fuser=sampled), dict(fuser=sampled, answer_seed=1)]
+    for i, change in enumerate(changes, start=2):
+        fresh = text_loaders(nodes, change.pop("t5_dtype", "auto"))
+        fresh["fuser"] = change.pop("fuser", m["fuser"])
+        got = encode(nodes, {**m, **fresh}, **change)[0][0][0]
+        assert fresh["t5"].loaded and fresh["llm"].loaded, change  # encoded, not read from the cache
+        assert len(cache_files(services)) == i, change
+        assert torch.equal(got, encode(nodes, {**m, **fresh}, prompt_cache=False, **change)[0][0][0]), change
+
+
+def test_prompt_cache_off_neither_reads_nor_writes(nodes, services, tiny):
+    m = load_all(nodes)
+    encode(nodes, m, prompt_cache=False)
+    assert not services.prompt_cache_dir().exists()
+    encode(nodes, m)
+    written = {p: p.stat().st_mtime_ns for p in cache_files(services)}
+    fresh = text_loaders(nodes)
+    encode(nodes, {**m, **fresh}, prompt_cache=False)
+    assert fresh["t5"].loaded and fresh["llm"].loaded
+    assert {p: p.stat().st_mtime_ns for p in cache_files(services)} == written
 
 
 def test_t5_only_encode_is_diffusers_cogvideox_encoding(nodes, tiny):
