@@ -13,8 +13,6 @@ DDIM; 9 frames at 32 x 32, 8 steps, CFG 6, fp32.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,22 +23,11 @@ from common import DEVICE, Row, check, interleaved, median, median_ratio, ratio_
 from mimir.fuser import save_fuser
 from mimir.loading import save_single_file
 from mimir.pipeline import MimirPipeline
-from mimir.testing import tiny_components
+from mimir.testing import import_pack, tiny_components
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle moves to the left and a blue square spins"
 FRAMES, SIZE, STEPS, GUIDANCE, SEED = 9, 32, 8, 6.0, 3
-
-
-def import_pack():
-    """The repository root as a ComfyUI custom-node package (as tests/conftest.py's `pack` fixture does)."""
-    name = "mimir_video_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def save_models(root: Path) -> None:
@@ -63,14 +50,15 @@ def save_models(root: Path) -> None:
 
 
 def run(repeats: int = 21) -> list[Row]:
-    pack = import_pack()
+    pack = import_pack(ROOT)
     nodes, services = pack.nodes.NODE_CLASS_MAPPINGS, pack.nodes.comfy_services
 
     def node(kind, **inputs):
         cls = nodes[kind]
         return getattr(cls(), cls.FUNCTION)(**inputs)
 
-    with tempfile.TemporaryDirectory() as folder:
+    # the folder lives to the end: the T5 and LLM nodes load their files on first use, the prompt cache reads them
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         save_models(Path(folder))
         services.use_models_dir(folder)
         try:
@@ -81,22 +69,22 @@ def run(repeats: int = 21) -> list[Row]:
             vae = node("MimirVAELoader", vae_name="vae.safetensors", dtype="auto")[0]
         finally:
             services.use_models_dir(None)
-    pipe = MimirPipeline(model.transformer, vae, model.scheduler, t5.tokenizer, t5.model, llm.model, llm.tokenizer,
-                         fuser)
+        pipe = MimirPipeline(model.transformer, vae, model.scheduler, t5.tokenizer, t5.model, llm.model,
+                             llm.tokenizer, fuser)
 
-    def node_path():
-        encode = dict(t5=t5, llm=llm, fuser=fuser, answer_tokens=-1, instructions="", answer_seed=SEED)
-        positive = node("MimirTextEncode", prompt=PROMPT, **encode)[0]
-        negative = node("MimirTextEncode", prompt="", **encode)[0]
-        latent = node("MimirSampler", model=model, positive=positive, negative=negative, width=SIZE, height=SIZE,
-                      frames=FRAMES, steps=STEPS, cfg=GUIDANCE, seed=SEED, scheduler="ddim", dynamic_cfg=False,
-                      denoise=1.0)[0]
-        return node("MimirDecode", vae=vae, samples=latent, tiling=False)[0]
+        def node_path():
+            encode = dict(t5=t5, llm=llm, fuser=fuser, answer_tokens=-1, instructions="", answer_seed=SEED)
+            positive = node("MimirTextEncode", prompt=PROMPT, **encode)[0]
+            negative = node("MimirTextEncode", prompt="", **encode)[0]
+            latent = node("MimirSampler", model=model, positive=positive, negative=negative, width=SIZE, height=SIZE,
+                          frames=FRAMES, steps=STEPS, cfg=GUIDANCE, seed=SEED, scheduler="ddim", dynamic_cfg=False,
+                          denoise=1.0)[0]
+            return node("MimirDecode", vae=vae, samples=latent, tiling=False)[0]
 
-    def library():
-        return pipe(PROMPT, "", num_frames=FRAMES, height=SIZE, width=SIZE, steps=STEPS, guidance=GUIDANCE, seed=SEED)
+        def library():
+            return pipe(PROMPT, "", num_frames=FRAMES, height=SIZE, width=SIZE, steps=STEPS, guidance=GUIDANCE,
+                        seed=SEED)
 
-    with torch.no_grad():
         diff = (node_path() - library()[0]).abs().max().item()
         times = interleaved({"nodes": node_path, "library": library}, repeats)
     ratio = median_ratio(times, "nodes", "library")

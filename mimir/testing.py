@@ -6,13 +6,19 @@ causal LMs) at toy sizes, with word-level tokenizers built offline. Nothing here
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from .demo.world import make_dataset, render
 from .fuser import FuserConfig, TokenFuser
 from .loading import SCHEDULER_SETTINGS, SCHEDULERS
+from .video import write_video
 
 BASE_WORDS = (
     "a an the one two three red green blue yellow orange purple white black circle square triangle ball box "
@@ -115,3 +121,44 @@ def tiny_components(variant: str = "2b", llm_arch: str = "phi3", stabilizer_toke
         transformer=tiny_transformer(variant, text_len=text_len + stabilizer_tokens, seed=seed + 3),
         vae=tiny_vae(seed=seed + 4), scheduler=real_scheduler(scheduler),
     )
+
+
+def tiny_train_components(variant: str = "2b", latent_gain: float = 3.0) -> dict:
+    """tiny_components with a VAE whose latents look like a trained one's: about unit variance after the
+    scaling factor, and a sharp posterior (logvar -14). A randomly initialised VAE has logvar ~ 0, so its
+    sampled latents are mostly noise that no model can learn, and a loss could not fall far."""
+    parts = tiny_components(variant=variant)
+    conv = parts["vae"].encoder.conv_out.conv  # outputs [mean, logvar] channels
+    half = conv.out_channels // 2
+    with torch.no_grad():
+        conv.weight[:half] *= latent_gain
+        conv.bias[:half] *= latent_gain
+        conv.weight[half:] = 0.0
+        conv.bias[half:] = -14.0
+    return parts
+
+
+def write_world_clips(folder, count: int, frames: int = 9, size: int = 32, seed: int = 0) -> list[tuple[Path, str]]:
+    """The demo world's clips make_dataset(count, seed) as folder/clip000.mp4, ... each with a same-name .txt
+    caption: the caption-folder layout of mimir.train.data (the world's own write_dataset writes JSONL).
+    Returns [(video, caption)]."""
+    folder = Path(folder)
+    written = []
+    for index, spec in enumerate(make_dataset(count, seed)):
+        video = write_video(render(spec, frames, size), folder / f"clip{index:03d}.mp4")
+        video.with_suffix(".txt").write_text(spec.caption)
+        written.append((video, spec.caption))
+    return written
+
+
+def import_pack(root):
+    """The node pack imported the way ComfyUI does it: the folder `root` (the repository) as a package named
+    mimir_video_pack, not by the name `mimir`. Imported once per process."""
+    name = "mimir_video_pack"
+    if name not in sys.modules:
+        root = Path(root)
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

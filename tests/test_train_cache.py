@@ -5,27 +5,12 @@ import os
 import pytest
 import torch
 
+from mimir.testing import tiny_train_components
 from mimir.train import TrainConfig, build_cache, main_cache, train
 from mimir.train.cache import CachedDataset, describe_cache, shard_name
 from mimir.train.loop import sample_generator
-from mimir.train.synthetic import tiny_train_components, write_square_clips
 
-SIZE = dict(num_frames=9, height=16, width=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("train_cache") / "clips"
-    write_square_clips(folder, count=5, frames=9, size=16)
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seed_with_one_dropped_caption(batch_size: int, dropout: float) -> int:
@@ -37,10 +22,10 @@ def seed_with_one_dropped_caption(batch_size: int, dropout: float) -> int:
     raise AssertionError("no such seed")
 
 
-def test_first_step_loss_from_cache_equals_raw_video(clips, tmp_path):
+def test_first_step_loss_from_cache_equals_raw_video(world_clips, tiny_run, tmp_path):
+    clips = world_clips(5)
     seed = seed_with_one_dropped_caption(3, 0.5)
-    common = dict(model="tiny", device="cpu", batch_size=3, max_steps=1, text_dropout=0.5, seed=seed, num_workers=0,
-                  lr=1e-3, tensorboard=False, export=False, **SIZE)
+    common = dict(batch_size=3, max_steps=1, text_dropout=0.5, seed=seed, lr=1e-3, **tiny_run)
     cached = TrainConfig(data=str(clips), cache=str(tmp_path / "cache"), output_dir=str(tmp_path / "from_cache"), **common)
     build_cache(cached, tiny_train_components(), progress=False)
     raw = TrainConfig(data=str(clips), output_dir=str(tmp_path / "from_video"), **common)
@@ -50,7 +35,8 @@ def test_first_step_loss_from_cache_equals_raw_video(clips, tmp_path):
     assert from_cache == pytest.approx(from_video, rel=1e-5)
 
 
-def test_cache_resumes_missing_shards_only(clips, tmp_path, capsys):
+def test_cache_resumes_missing_shards_only(world_clips, tmp_path, capsys):
+    clips = world_clips(5)
     folder = tmp_path / "cache"
     argv = [f"data={clips}", f"cache={folder}", "model=tiny", "device=cpu", "cache_shard_size=2",
             "validation_prompts=[a red square moves up]", "num_frames=9", "height=16", "width=16"]
@@ -73,13 +59,12 @@ def test_cache_resumes_missing_shards_only(clips, tmp_path, capsys):
     assert '"clips": 5' in capsys.readouterr().out
 
 
-def test_cache_refuses_other_settings(clips, tmp_path):
-    config = TrainConfig(model="tiny", data=str(clips), cache=str(tmp_path / "cache"), device="cpu",
-                         cache_shard_size=8, **SIZE)
+def test_cache_refuses_other_settings(world_clips, tiny_run, tmp_path):
+    config = TrainConfig(data=str(world_clips(5)), cache=str(tmp_path / "cache"), cache_shard_size=8, **tiny_run)
     build_cache(config, tiny_train_components(), progress=False)
     other = TrainConfig(**{**config.to_dict(), "num_frames": 5})
     with pytest.raises(ValueError, match="num_frames: cache has 9, this run 5"):
         build_cache(other, tiny_train_components(), progress=False)
     with pytest.raises(ValueError, match="num_frames: cache has 9, this run 5"):
-        train(TrainConfig(**{**other.to_dict(), "output_dir": str(tmp_path / "run"), "num_workers": 0}),
-              tiny_train_components(), progress=False)
+        train(TrainConfig(**{**other.to_dict(), "output_dir": str(tmp_path / "run")}), tiny_train_components(),
+              progress=False)

@@ -8,42 +8,37 @@ from safetensors.torch import load_file
 
 from mimir.loading import load_pipeline, load_token_fuser, load_transformer
 from mimir.pipeline import MimirPipeline
+from mimir.testing import tiny_train_components
 from mimir.train import TrainConfig, build_cache, train
 from mimir.train.checkpoint import WEIGHTS, list_checkpoints
 from mimir.train.metrics import read_metrics
-from mimir.train.synthetic import tiny_train_components, write_square_clips
 from mimir.video import read_video
 
-SIZE = dict(num_frames=9, height=16, width=16)
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a red square moves right"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread avoids OpenMP spinning against the other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_loop")
-    write_square_clips(root / "clips", count=4, frames=9, size=16)
-    config = TrainConfig(model="tiny", data=str(root / "clips"), cache=str(root / "cache"), device="cpu",
-                         validation_prompts=[PROMPT], **SIZE)
+def cache(world_clips, tiny_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train_loop") / "cache"
+    config = TrainConfig(data=str(world_clips(4)), cache=str(folder), validation_prompts=[PROMPT], **tiny_run)
     build_cache(config, tiny_train_components(), progress=False)
-    return root / "cache"
+    return folder
 
 
-def config_for(cache, run, **changes) -> TrainConfig:
-    values = dict(model="tiny", cache=cache and str(cache), output_dir=str(run), batch_size=4, num_workers=0, device="cpu",
-                  warmup_steps=0, weight_decay=0.0, tensorboard=False, export=False, checkpoint_every=0, **SIZE)
-    return TrainConfig(**{**values, **changes})
+@pytest.fixture
+def config_for(tiny_run):
+    """config_for(cache, run, **changes): a TrainConfig for a run in folder `run` from `cache` (None: from videos)."""
+
+    def make(cache, run, **changes) -> TrainConfig:
+        values = dict(cache=cache and str(cache), output_dir=str(run), batch_size=4, warmup_steps=0, weight_decay=0.0,
+                      checkpoint_every=0, **tiny_run)
+        return TrainConfig(**{**values, **changes})
+
+    return make
 
 
-def test_overfit_four_clips(cache, tmp_path):
+def test_overfit_four_clips(cache, config_for, tmp_path):
     config = config_for(cache, tmp_path / "run", max_steps=200, lr=3e-3, lr_schedule="cosine", text_dropout=0.0)
     summary = train(config, tiny_train_components(), progress=False)
     losses = [loss for _, loss in summary["losses"]]
@@ -54,7 +49,7 @@ def test_overfit_four_clips(cache, tmp_path):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
-def test_kill_and_resume_is_exact(cache, tmp_path):
+def test_kill_and_resume_is_exact(cache, config_for, tmp_path):
     """Killed after step 3 (last checkpoint: step 2), resumed, the run ends with the uninterrupted run's weights."""
     changes = dict(max_steps=6, lr=1e-3, lr_schedule="cosine", warmup_steps=2, grad_accum=2, batch_size=2,
                    text_dropout=0.5, ema_decay=0.9, checkpoint_every=2, keep_checkpoints=2)
@@ -87,9 +82,9 @@ def test_kill_and_resume_is_exact(cache, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the killed run's step 3 row was replaced
 
 
-def test_lora_export_loads_and_generates_like_the_trained_model(cache, tmp_path):
+def test_lora_export_loads_and_generates_like_the_trained_model(world_clips, config_for, tmp_path):
     config = config_for(None, tmp_path / "run", max_steps=3, lr=5e-2, dit="lora", lora_rank=4, lora_alpha=4.0,
-                        export=True, data=str(cache.parent / "clips"), text_dropout=0.0, tensorboard=True,
+                        export=True, data=str(world_clips(4)), text_dropout=0.0, tensorboard=True,
                         validate_every=3, validation_prompts=[PROMPT, "a blue square moves up"], validation_steps=2)
     parts = tiny_train_components()
     summary = train(config, parts, progress=False)
@@ -124,7 +119,7 @@ def test_lora_export_loads_and_generates_like_the_trained_model(cache, tmp_path)
     assert frames.shape == (1, 9, 16, 16, 3) and torch.isfinite(frames).all()
 
 
-def test_what_trains_follows_dit_and_fuser_lr(cache, tmp_path):
+def test_what_trains_follows_dit_and_fuser_lr(cache, config_for, tmp_path):
     """dit=frozen trains only the fuser; fuser_lr=0 leaves the fuser as it was while the DiT moves."""
     initial = tiny_train_components()
     changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -9,25 +9,19 @@ import torch
 from mimir.fuser import load_fuser
 from mimir.loading import save_pipeline
 from mimir.pipeline import MimirPipeline
+from mimir.testing import tiny_train_components
 from mimir.train import main_cache, main_train
-from mimir.train.synthetic import tiny_train_components, write_square_clips
 
 SIZE = ["num_frames=9", "height=16", "width=16", "device=cpu", "num_workers=0", "tensorboard=false", "batch_size=2"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_mimir_folder_from_cache_and_plain_cogvideox_with_fresh_fuser(tmp_path, capsys):
-    write_square_clips(tmp_path / "clips", count=2, frames=9, size=16)
+def test_mimir_folder_from_cache_and_plain_cogvideox_with_fresh_fuser(world_clips, tmp_path, capsys):
+    clips = world_clips(2)
     parts = tiny_train_components()
     save_pipeline(MimirPipeline(**parts), tmp_path / "mimir")
-    assert main_cache([f"model={tmp_path / 'mimir'}", f"data={tmp_path / 'clips'}", f"cache={tmp_path / 'cache'}",
+    assert main_cache([f"model={tmp_path / 'mimir'}", f"data={clips}", f"cache={tmp_path / 'cache'}",
                        *SIZE]) == 0
     assert main_train([f"model={tmp_path / 'mimir'}", f"cache={tmp_path / 'cache'}", "max_steps=2", "lr=1e-3",
                        f"output_dir={tmp_path / 'from_cache'}", *SIZE]) == 0
@@ -38,10 +32,10 @@ def test_mimir_folder_from_cache_and_plain_cogvideox_with_fresh_fuser(tmp_path, 
     parts["llm"].save_pretrained(tmp_path / "llm")
     parts["llm_tokenizer"].save_pretrained(tmp_path / "llm")
     with pytest.raises(SystemExit):  # no fuser anywhere and no LLM to start one: refused before training
-        main_train([f"model={tmp_path / 'plain'}", f"data={tmp_path / 'clips'}", "max_steps=1",
+        main_train([f"model={tmp_path / 'plain'}", f"data={clips}", "max_steps=1",
                     f"output_dir={tmp_path / 'no_llm'}", *SIZE])
     assert "give fuser= (a fuser file) or llm=" in capsys.readouterr().err
-    assert main_train([f"model={tmp_path / 'plain'}", f"llm={tmp_path / 'llm'}", f"data={tmp_path / 'clips'}",
+    assert main_train([f"model={tmp_path / 'plain'}", f"llm={tmp_path / 'llm'}", f"data={clips}",
                        "max_steps=1", "export=false", f"output_dir={tmp_path / 'fresh'}", *SIZE]) == 0
     fresh = load_fuser(tmp_path / "fresh" / "fuser-init.safetensors")
     assert (fresh.config.t5_dim, fresh.config.llm_dim, fresh.config.text_len) == (32, 48, 226)

@@ -6,14 +6,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
 from mimir.train import TrainConfig, build_cache, train
 from mimir.train.checkpoint import WEIGHTS, list_checkpoints
 from mimir.train.metrics import read_metrics
-from mimir.train.synthetic import write_square_clips
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # this process; the launched ones get OMP_NUM_THREADS=1
 
 
 def free_port() -> int:
@@ -22,18 +22,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    write_square_clips(tmp_path / "clips", count=5, frames=9, size=16)
-    values = dict(model="tiny", device="cpu", data=str(tmp_path / "clips"), cache=str(tmp_path / "cache"),
-                  num_frames=9, height=16, width=16, max_steps=4, lr=1e-3, warmup_steps=1, text_dropout=0.5,
-                  num_workers=0, tensorboard=False, export=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        build_cache(TrainConfig(**values), progress=False)
-        one = train(TrainConfig(**values, batch_size=2, output_dir=str(tmp_path / "one")), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+def test_two_processes_match_one_with_the_same_global_batch(world_clips, tiny_run, tmp_path):
+    values = dict(data=str(world_clips(5)), cache=str(tmp_path / "cache"), max_steps=4, lr=1e-3, warmup_steps=1,
+                  text_dropout=0.5, **tiny_run)
+    build_cache(TrainConfig(**values), progress=False)
+    one = train(TrainConfig(**values, batch_size=2, output_dir=str(tmp_path / "one")), progress=False)
     (tmp_path / "two.yaml").write_text(yaml.safe_dump({**values, "batch_size": 1, "output_dir": str(tmp_path / "two")}))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
