@@ -73,7 +73,8 @@ def run(repeats: int = 21) -> list[Row]:
                              llm.tokenizer, fuser)
 
         def node_path():
-            encode = dict(t5=t5, llm=llm, fuser=fuser, answer_tokens=-1, instructions="", answer_seed=SEED)
+            encode = dict(t5=t5, llm=llm, fuser=fuser, answer_tokens=-1, instructions="", answer_seed=SEED,
+                          prompt_cache=False)  # the same encoding work as the library call
             positive = node("MimirTextEncode", prompt=PROMPT, **encode)[0]
             negative = node("MimirTextEncode", prompt="", **encode)[0]
             latent = node("MimirSampler", model=model, positive=positive, negative=negative, width=SIZE, height=SIZE,
