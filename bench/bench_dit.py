@@ -13,9 +13,8 @@ so the achieved figure is a lower bound. The reference is a 2048^3 fp32 matmul (
 from __future__ import annotations
 
 import torch
-from diffusers import CogVideoXTransformer3DModel
-
 from common import DEVICE, Row, check, interleaved, matmul_gflops, median, median_ratio, table
+from diffusers import CogVideoXTransformer3DModel
 
 LAYERS, HEADS, HEAD_DIM, TEXT, BATCH = 4, 8, 64, 230, 2
 LATENT = (5, 16, 16, 24)  # T, C, H, W

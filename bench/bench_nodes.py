@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import DEVICE, Row, check, interleaved, median, median_ratio, ratio_spread, table
 from diffusers import CogVideoXTransformer3DModel
 
-from common import DEVICE, Row, check, interleaved, median, median_ratio, ratio_spread, table
 from mimir.fuser import save_fuser
 from mimir.loading import save_single_file
 from mimir.pipeline import MimirPipeline

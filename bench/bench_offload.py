@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from common import DEVICE, MIB, PeakTensorMemory, Row, check, nbytes, sized_components, table
+
 from mimir.offload import Placement
 from mimir.pipeline import MimirPipeline
 

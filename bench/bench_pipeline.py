@@ -15,9 +15,9 @@ Two comparisons, timed interleaved in one run:
 from __future__ import annotations
 
 import torch
+from common import DEVICE, MIB, Row, check, interleaved, median, median_ratio, peak_memory, ratio_spread, table
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-from common import DEVICE, MIB, Row, check, interleaved, median, median_ratio, peak_memory, ratio_spread, table
 from mimir.offload import Placement
 from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_components

@@ -11,8 +11,8 @@ from __future__ import annotations
 import tempfile
 
 import torch
-
 from common import DEVICE, Row, check, interleaved, median, median_ratio, sized_components, table
+
 from mimir.offload import Placement
 from mimir.pipeline import MimirPipeline
 from mimir.prompt_cache import PromptCache

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class FuserConfig:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "FuserConfig":
+    def from_json(cls, text: str) -> FuserConfig:
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

@@ -8,7 +8,7 @@ order [B, T, C, H, W] and in diffusion space (VAE latents times the VAE scaling 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler

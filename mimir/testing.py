@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
 from .demo.world import make_dataset, render
 from .fuser import FuserConfig, TokenFuser

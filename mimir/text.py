@@ -4,8 +4,8 @@ instruction tokens that the token fuser merges in (spec section 2)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ class TextFeatures:
     llm_mask: torch.Tensor  # [B, m] 1 for real tokens
     instructions: torch.Tensor | None  # [B, K, llm_dim], None when K = 0
 
-    def to(self, device=None, dtype=None) -> "TextFeatures":
+    def to(self, device=None, dtype=None) -> TextFeatures:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)
         return TextFeatures(move(self.t5), move(self.llm), self.llm_mask.to(device), move(self.instructions))
 
@@ -39,7 +39,7 @@ class TextFeatures:
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "TextFeatures":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> TextFeatures:
         missing = {"t5", "llm", "llm_mask"} - set(tensors)
         if missing:
             raise ValueError(f"text features lack {sorted(missing)}")
@@ -49,7 +49,7 @@ class TextFeatures:
         save_file(self.tensors(), str(path), metadata={"format": "mimir-text-features", **(metadata or {})})
 
     @classmethod
-    def load(cls, path) -> "TextFeatures":
+    def load(cls, path) -> TextFeatures:
         return cls.from_tensors(load_file(str(path)))
 
 

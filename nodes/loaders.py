@@ -15,8 +15,18 @@ from pathlib import Path
 
 import torch
 
-from ..mimir.loading import (DEMO_MODEL_DIR, FUSER_FILE, SNR_SHIFT_SCALE, ComponentInfo, load_llm, load_scheduler,
-                             load_t5, load_token_fuser, load_transformer, load_vae)
+from ..mimir.loading import (
+    DEMO_MODEL_DIR,
+    FUSER_FILE,
+    SNR_SHIFT_SCALE,
+    ComponentInfo,
+    load_llm,
+    load_scheduler,
+    load_t5,
+    load_token_fuser,
+    load_transformer,
+    load_vae,
+)
 from ..mimir.memory import enable_block_swap, enable_fp8_storage
 from ..mimir.prompt_cache import model_identity
 from . import comfy_services as services

@@ -2,8 +2,15 @@ import pytest
 import torch
 from torch import nn
 
-from mimir.memory import (FP8, Fp8Linear, compile_blocks, disable_block_swap, enable_block_swap, enable_fp8_storage,
-                          uncompile_blocks)
+from mimir.memory import (
+    FP8,
+    Fp8Linear,
+    compile_blocks,
+    disable_block_swap,
+    enable_block_swap,
+    enable_fp8_storage,
+    uncompile_blocks,
+)
 from mimir.offload import Placement, module_dtype, move_module
 from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_components, tiny_transformer

@@ -4,11 +4,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFY = [sys.executable, "-m", "comfy_cli", "--skip-prompt", "--no-enable-telemetry"]
@@ -28,8 +28,8 @@ def test_registry_fields():
 
 
 def test_requirements_txt_mirrors_pyproject_without_torch():
-    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
-    requirements = [l for l in lines if l and not l.startswith("#")]
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    requirements = [line for line in lines if line and not line.startswith("#")]
     expected = [d for d in PYPROJECT["project"]["dependencies"] if not d.startswith("torch")]
     assert requirements == expected
 

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from mimir.prompt_cache import PromptCache, encode_features_cached, encoding_key_parts, model_identity
 from mimir.pipeline import MimirPipeline
+from mimir.prompt_cache import PromptCache, encode_features_cached, encoding_key_parts, model_identity
 from mimir.testing import tiny_components, tiny_llm, tiny_t5
 
 PROMPT = "a red circle moves to the left"
