@@ -63,7 +63,8 @@ def _load(args, device, dtype, cached: bool = False):
     placement = Placement(device, args.offload_device)
     folder = _model_folder(args)
     if folder is None:
-        return _smoke_pipeline(placement), "smoke"
+        raise FileNotFoundError(f"no --model given and the bundled demo model is missing ({DEMO_MODEL_DIR}); "
+                                f"reinstall the package or pass --model")
     pipe = load_pipeline(folder, dtype=dtype, device=args.offload_device, placement=placement,
                          fuser_path=args.fuser, llm_path=args.llm, trust_remote_code=args.trust_remote_code,
                          text_encoders=not cached)
@@ -128,20 +129,12 @@ def _encode(args, pipe, prompts: list[str], cached):
     return pipe.fuse(features)
 
 
-def _smoke_pipeline(placement):
-    from .pipeline import MimirPipeline
-    from .testing import tiny_components
-
-    print("SMOKE RUN: the bundled demo model is not installed; using random tiny models (the video is noise).")
-    return MimirPipeline(**tiny_components(variant="5b"), placement=placement)
-
-
 def _defaults(args, pipe, name):
     cfg = pipe.transformer.config
     args.frames = args.frames or cfg.sample_frames
     args.height = args.height or cfg.sample_height * 8
     args.width = args.width or cfg.sample_width * 8
-    args.steps = args.steps or (25 if name in ("demo", "smoke") else 50)
+    args.steps = args.steps or (25 if name == "demo" else 50)
 
 
 def cmd_generate(args) -> int:
