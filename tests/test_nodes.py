@@ -154,15 +154,15 @@ def test_loaders_list_files_and_model_folders(nodes, services, tiny, tmp_path, m
     def choices(node, field):
         return nodes[node].INPUT_TYPES()["required"][field][0]
 
+    loaders = nodes["MimirT5Loader"].__module__
+    demo = tmp_path / "demo"
+    monkeypatch.setattr(f"{loaders}.DEMO_MODEL_DIR", demo)  # not installed, until the folders below exist
     assert choices("MimirT5Loader", "t5_name") == ["tiny-t5", "tiny_t5.safetensors"]
     assert choices("MimirLLMLoader", "llm_name") == ["tiny-phi3"]
     assert choices("MimirFuserLoader", "fuser_name") == ["other_fuser.safetensors", "tiny_fuser.safetensors"]
     assert choices("MimirModelLoader", "model_name") == ["plain_5b.safetensors", "tiny-pipeline", "tiny_2b.safetensors",
                                                          "tiny_5b.safetensors"]
     assert choices("MimirVAELoader", "vae_name") == ["tiny_vae.safetensors"]
-    loaders = nodes["MimirT5Loader"].__module__
-    demo = tmp_path / "demo"
-    monkeypatch.setattr(f"{loaders}.DEMO_MODEL_DIR", demo)
     assert "mimir-demo (bundled)" not in choices("MimirModelLoader", "model_name")
     for part in ("transformer", "vae", "text_encoder", "llm"):
         (demo / part).mkdir(parents=True)
@@ -429,7 +429,7 @@ def test_sampler_errors_name_the_input(nodes):
         run(nodes, "MimirVAEEncode", vae=m["vae"], images=torch.rand(8, 32, 32, 3))
 
 
-def test_text_and_loader_errors_name_the_input(nodes):
+def test_text_and_loader_errors_name_the_input(nodes, tmp_path, monkeypatch):
     m = load_all(nodes)
     with pytest.raises(ValueError, match="^instructions: 2 lines given but this fuser has 4"):
         encode(nodes, m, instructions="one\ntwo")
@@ -443,6 +443,7 @@ def test_text_and_loader_errors_name_the_input(nodes):
         run(nodes, "MimirModelLoader", model_name="../vae/tiny_vae.safetensors", dtype="auto", blocks_to_swap=0)
     with pytest.raises(ValueError, match="^blocks_to_swap: 5 is more than the model's 2 blocks"):
         run(nodes, "MimirModelLoader", model_name="tiny_5b.safetensors", dtype="auto", blocks_to_swap=5)
+    monkeypatch.setattr(f"{nodes['MimirT5Loader'].__module__}.DEMO_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="^t5_name: the bundled demo model is not installed"):
         run(nodes, "MimirT5Loader", t5_name="mimir-demo (bundled)", dtype="auto")
 
