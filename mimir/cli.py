@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .demo import DEMO_GUIDANCE, DEMO_STEPS
+
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -20,7 +22,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="multiple of 16 (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="multiple of 16 (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; demo model 25)")
-    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (1 disables)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, 1 disables (default 6; demo model 2)")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's cosine guidance schedule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
@@ -134,12 +137,13 @@ def _defaults(args, pipe, name):
     args.frames = args.frames or cfg.sample_frames
     args.height = args.height or cfg.sample_height * 8
     args.width = args.width or cfg.sample_width * 8
-    args.steps = args.steps or (25 if name == "demo" else 50)
+    args.steps = args.steps or (DEMO_STEPS if name == "demo" else 50)
 
 
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
+    from .loading import DEMO_MODEL_DIR
     from .pipeline import check_video_size
     from .video import write_video
 
@@ -147,6 +151,8 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     if args.frames is not None or args.height is not None or args.width is not None:
         check_video_size(args.frames or 49, args.height or 480, args.width or 720)  # fail before loading models
+    if args.guidance is None:
+        args.guidance = DEMO_GUIDANCE if _model_folder(args) == DEMO_MODEL_DIR else 6.0
     guided = args.guidance > 1.0
     prompts = [args.negative_prompt, args.prompt] if guided else [args.prompt]
     cached = _prompt_cache(args, prompts)

@@ -210,6 +210,19 @@ def test_demo_workflow_is_marked_until_the_demo_model_exists(pack):
         assert not any("Not runnable yet" in note for note in notes), "the demo model exists: unmark the workflow"
 
 
+def test_demo_workflow_samples_the_bundled_model_as_the_cli_does():
+    """Size and frames of the model, and the demo's steps and guidance (mimir.demo), as `mimir generate` uses."""
+    from mimir.demo import DEMO_GUIDANCE, DEMO_STEPS
+    from mimir.loading import DEMO_MODEL_DIR
+
+    workflow = json.loads((API_DIR / "mimir_demo_bundled.json").read_text())
+    (sampler,) = [n["inputs"] for n in workflow.values() if n["class_type"] == "MimirSampler"]
+    config = json.loads((DEMO_MODEL_DIR / "transformer" / "config.json").read_text())
+    assert (sampler["width"], sampler["height"], sampler["frames"]) == (
+        config["sample_width"] * 8, config["sample_height"] * 8, config["sample_frames"])
+    assert (sampler["steps"], sampler["cfg"]) == (DEMO_STEPS, DEMO_GUIDANCE)
+
+
 def test_baseline_runs_both_branches_on_the_same_seed_and_settings():
     workflow = json.loads((API_DIR / "mimir_vs_t5_baseline_cogvideox5b.json").read_text())
     samplers = [n for n in workflow.values() if n["class_type"] == "MimirSampler"]

@@ -1,0 +1,103 @@
+"""The demo-model recipe (mimir/demo/build.py): its LLM lessons, and a shortened build of every stage end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimir.demo.analysis import parse_caption
+from mimir.demo.build import Recipe, build, lesson_ids, llm_lessons, main, make_tokenizers
+from mimir.demo.world import make_dataset
+from mimir.loading import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_llm_lessons_match_what_the_text_encoder_feeds():
+    """The LLM learns on exactly the token ids LLMTextEncoder builds (chat prefix + query + suffix [+ instruction])."""
+    from mimir.text import LLMTextEncoder
+
+    _, tokenizer = make_tokenizers()
+    spec = make_dataset(1, seed=3)[0]
+    lessons = llm_lessons(spec)
+    assert parse_caption(lessons[0][1]) == spec.attributes()  # the canonical restatement
+    assert [answer for _, answer in lessons[1:]][:2] == [spec.motion, spec.colour]
+    encoder = LLMTextEncoder.__new__(LLMTextEncoder)
+    encoder.tokenizer = tokenizer
+    prefix, suffix = encoder._template_parts()
+    context = prefix + tokenizer(spec.caption, add_special_tokens=False).input_ids + suffix
+    ids, labels = lesson_ids(tokenizer, *lessons[0])
+    assert ids[:len(context)] == context and labels[:len(context)] == [-100] * len(context)
+    assert tokenizer.unk_token_id not in ids
+    ids, labels = lesson_ids(tokenizer, *lessons[1])
+    instruction = tokenizer("Describe the detailed motion of objects in video.", add_special_tokens=False).input_ids
+    assert ids[:len(context) + len(instruction)] == context + instruction
+    assert tokenizer.unk_token_id not in instruction
+    assert tokenizer.decode([i for i in labels if i != -100], skip_special_tokens=True) == spec.motion
+
+
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory):
+    """The --quick recipe (a few steps of every stage) -> (model folder, build info, work folder)."""
+    root = tmp_path_factory.mktemp("quick")
+    info = build(Recipe.quick(), out=root / "model", work=root / "work", log=lambda message: None)
+    return root / "model", info, root / "work"
+
+
+def test_quick_build_runs_end_to_end_and_loads(quick_build):
+    out, info, work = quick_build
+    assert set(info["seconds"]) == {"world", "vae+text", "cache+dit"}
+    assert json.loads((work / "run" / "summary.json").read_text())["steps"] == Recipe.quick().dit_steps
+    pipe = load_pipeline(out)
+    assert pipe.fuser.config.stabilizer_tokens == 4 and pipe.fuser.config.text_len == Recipe().text_len
+    assert pipe.transformer.config.in_channels == pipe.vae.config.latent_channels == Recipe().latent_channels
+    frames = pipe("a red circle moves to the right", num_frames=9, height=64, width=64, steps=2, seed=0)
+    assert frames.shape == (1, 9, 64, 64, 3) and torch.isfinite(frames).all()
+
+
+def test_quick_build_is_reproducible(quick_build, tmp_path):
+    """Same recipe, same seed: the same weights in every part (same machine and thread count)."""
+    build(Recipe.quick(), out=tmp_path / "again", log=lambda message: None)
+    first, again = load_pipeline(quick_build[0]), load_pipeline(tmp_path / "again")
+    for name in ("vae", "text_encoder", "llm", "transformer", "fuser"):
+        a, b = getattr(first, name).state_dict(), getattr(again, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.fixture(scope="module")
+def quick_arm(quick_build):
+    """The --quick no-fuser ablation arm, reusing the quick build's VAE, tokenizers, T5 and LLM."""
+    arm = quick_build[0].parent / "no-fuser"
+    main(["--quick", "--no-fuser", "--reuse", str(quick_build[0]), "--out", str(arm)])
+    return arm
+
+
+def test_quick_no_fuser_arm_reads_exactly_the_t5_stream(quick_build, quick_arm):
+    """The ablation arm reuses the frozen parts; its fuser stays at identity, so the DiT trained on T5 alone."""
+    base, arm = load_pipeline(quick_build[0]), load_pipeline(quick_arm)
+    assert arm.fuser.config.stabilizer_tokens == 0 and arm.fuser.config.answer_tokens == 0
+    for name in ("vae", "text_encoder", "llm"):
+        for a, b in zip(getattr(base, name).state_dict().values(), getattr(arm, name).state_dict().values()):
+            assert torch.equal(a, b), name
+    features = arm.encode_features(["two blue squares moving up"])
+    assert torch.equal(arm.fuse(features), features.t5)
+
+
+def test_alignment_benchmark_prints_both_arms_and_writes_gifs(quick_build, quick_arm, tmp_path):
+    """bench/alignment.py end to end on the quick arms (2 prompts): the table, the targets, the pictures."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "alignment.py"), "--model", str(quick_build[0]), "--ablation",
+         str(quick_arm), "--limit", "2", "--gif", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| fuser |", "| no-fuser |"))]
+    assert len(rows) == 4 and all(line.count("%") == 5 for line in rows), result.stdout  # 2 arms x 2 guidance
+    assert "held-out prompts: 2, seed 0" in result.stdout and "target colour >= 90%: fuser @ 2 " in result.stdout
+    assert len(list(tmp_path.glob("*.gif"))) == 2 and len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_quick_build_refuses_to_overwrite_the_bundled_model():
+    with pytest.raises(SystemExit):
+        main(["--quick"])
