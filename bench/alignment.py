@@ -2,12 +2,13 @@
 
     python bench/alignment.py                       # both arms; trains the no-fuser arm first (see below)
     python bench/alignment.py --ablation DIR        # use (or keep) the no-fuser arm in DIR
-    python bench/alignment.py --arms fuser          # the bundled model only (about two minutes)
+    python bench/alignment.py --arms fuser          # the bundled model only (about four minutes)
     python bench/alignment.py --gif docs/images/alignment   # also side-by-side GIFs and a PNG contact sheet
 
 Prompts: `mimir.demo.world.heldout_prompts()`: the canonical caption of each colour-shape-motion triple held
 out of training, once per count (1, 2, 3): 36 prompts whose combinations no training clip shows. Each is
-generated at the model's own size (9 frames, 64 x 64) with DDIM, 25 steps, seed = --seed + index, at each
+generated at the model's own size (9 frames, 64 x 64) with DDIM, 25 steps, --repeats times (seed = --seed +
+1000 r + prompt index; accuracies are over all of them; the pictures show r = 0), at each
 guidance scale of --guidance (default: the demo's 2, chosen on seed 100, and CogVideoX's usual 6), then
 `mimir.demo.analysis.analyse` reads colour, direction, count and shape off the frames (documented there:
 object mask, mean colour -> nearest palette colour, centroid track -> direction, connected components ->
@@ -44,7 +45,8 @@ TARGETS = {"colour": 0.90, "direction": 0.85}
 
 
 def evaluate(pipe, prompts: list[dict], seed: int, guidance: float) -> tuple[dict, list]:
-    """-> (accuracy per attribute and for all four at once, [(prompt item, analysis, frames)])."""
+    """-> (accuracy per attribute and for all four at once, [(prompt item, analysis, frames)]).
+    Prompt i is generated with seed + i."""
     cfg = pipe.transformer.config
     hits = {name: 0 for name in ATTRIBUTES + ("all",)}
     results = []
@@ -74,9 +76,10 @@ def no_fuser_arm(folder: Path | None, model: Path) -> Path:
     return folder
 
 
-def print_table(scores: dict, count: int, seed: int) -> None:
+def print_table(scores: dict, count: int, seeds: list[int]) -> None:
     """scores: {(arm, guidance): accuracies}."""
-    print(f"\nheld-out prompts: {count}, seed {seed} (+ index), {DEMO_STEPS} DDIM steps")
+    print(f"\nheld-out prompts: {count} x seeds {seeds} (+ prompt index) = {count * len(seeds)} videos per row, "
+          f"{DEMO_STEPS} DDIM steps")
     print("| arm | guidance | " + " | ".join(ATTRIBUTES) + " | all four |")
     print("|---|---|" + "---|" * (len(ATTRIBUTES) + 1))
     for (arm, guidance), score in scores.items():
@@ -89,22 +92,32 @@ def print_table(scores: dict, count: int, seed: int) -> None:
 
 
 def write_gifs(folder: Path, results: dict, picks: int = 6) -> None:
-    """Side by side per prompt (one column per arm, upscaled 2x) as GIFs, and all of them as one PNG sheet."""
-    from PIL import Image
+    """Per prompt a GIF with the arms side by side (upscaled 2x), and one PNG sheet: per prompt a title line,
+    then one row of frames per arm."""
+    from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
     arms = list(results)
     total = len(results[arms[0]])
-    rows = []
-    for index in range(0, total, max(1, total // picks))[:picks]:
-        item = results[arms[0]][index][0]
-        side = torch.cat([results[arm][index][2] for arm in arms], dim=2)  # [F, H, W * arms, 3]
-        side = side.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-        write_video(side, folder / f"{item['prompt'].replace(' ', '_')}.gif", fps=4)
-        rows.append(torch.cat(list(side), dim=1))  # the frames of one video left to right
-    sheet = (torch.cat(rows, dim=0).clamp(0, 1) * 255).round().byte().numpy()
-    Image.fromarray(sheet).save(folder / f"heldout_{'_vs_'.join(arms)}.png")
-    print(f"wrote {len(rows)} GIFs ({' | '.join(arms)}) and a contact sheet to {folder}")
+    blocks = []
+    for index in range(0, total, total // picks + 1)[:picks]:  # spread over triples and counts
+        prompt = results[arms[0]][index][0]["prompt"]
+        videos = [results[arm][index][2].clamp(0, 1).repeat_interleave(2, 1).repeat_interleave(2, 2) for arm in arms]
+        write_video(torch.cat(videos, dim=2), folder / f"{prompt.replace(' ', '_')}.gif", fps=4)
+        rows = [torch.cat(list(video), dim=1) for video in videos]  # [2H, F * 2W, 3] per arm
+        block = Image.fromarray((torch.cat(rows, dim=0) * 255).round().byte().numpy())
+        canvas = Image.new("RGB", (block.width + 70, block.height + 16), (255, 255, 255))
+        canvas.paste(block, (70, 16))
+        draw = ImageDraw.Draw(canvas)
+        draw.text((70, 2), prompt, fill=(0, 0, 0))
+        for row, arm in enumerate(arms):
+            draw.text((4, 16 + row * block.height // len(arms) + 4), arm, fill=(0, 0, 0))
+        blocks.append(canvas)
+    sheet = Image.new("RGB", (blocks[0].width, sum(b.height for b in blocks)), (255, 255, 255))
+    for k, block in enumerate(blocks):
+        sheet.paste(block, (0, k * blocks[0].height))
+    sheet.save(folder / f"heldout_{'_vs_'.join(arms)}.png")
+    print(f"wrote {len(blocks)} GIFs ({' | '.join(arms)}) and a contact sheet to {folder}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[DEMO_GUIDANCE, 6.0],
                         help="guidance scales to measure; the GIFs use the first")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="each prompt with this many seeds (seed + 1000 r + i)")
     parser.add_argument("--gif", type=Path, help="write side-by-side GIFs + a PNG sheet into this folder")
     parser.add_argument("--limit", type=int, help="only the first N prompts (a smoke run; not the benchmark)")
     args = parser.parse_args(argv)
@@ -124,15 +138,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.arms == "both":
         folders["no-fuser"] = no_fuser_arm(args.ablation, args.model)
     prompts = heldout_prompts()[:args.limit]
+    seeds = [args.seed + 1000 * r for r in range(args.repeats)]
     scores, pictures = {}, {}
     for arm, folder in folders.items():
         pipe = load_pipeline(folder)
         for guidance in args.guidance:
             arm_start = time.perf_counter()
-            scores[arm, guidance], results = evaluate(pipe, prompts, args.seed, guidance)
-            pictures.setdefault(arm, results)
-            print(f"{arm} @ guidance {guidance:g}: {len(prompts)} videos in {time.perf_counter() - arm_start:.0f} s")
-    print_table(scores, len(prompts), args.seed)
+            runs = [evaluate(pipe, prompts, seed, guidance) for seed in seeds]
+            scores[arm, guidance] = {name: sum(acc[name] for acc, _ in runs) / len(runs) for name in runs[0][0]}
+            pictures.setdefault(arm, runs[0][1])
+            print(f"{arm} @ guidance {guidance:g}: {len(prompts) * len(seeds)} videos in "
+                  f"{time.perf_counter() - arm_start:.0f} s")
+    print_table(scores, len(prompts), seeds)
     if args.gif:
         write_gifs(args.gif, pictures)
     print(f"total {time.perf_counter() - start:.0f} s")

@@ -31,9 +31,11 @@ if not COMFYUI:
     pytest.skip(reason, allow_module_level=True)
 
 import av
+import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from mimir.demo.analysis import analyse, parse_caption
 from mimir.fuser import FuserConfig, TokenFuser, save_fuser
 from mimir.loading import DEMO_MODEL_DIR, save_pipeline, save_single_file
 from mimir.pipeline import MimirPipeline
@@ -247,8 +249,12 @@ def test_demo_workflow(comfyui):
     saver = next(k for k, n in workflow.items() if n["class_type"] == "SaveVideo")
     frames = _video_of(comfyui, entry, saver)
     count, size = len(frames), frames[0].shape[:2]
-    print(f"demo: {count} frames of {size[1]}x{size[0]}")
+    prompt = workflow[sampler["positive"][0]]["inputs"]["prompt"]
+    found = analyse(torch.from_numpy(np.stack(frames)).float() / 255)
+    print(f"demo: {count} frames of {size[1]}x{size[0]}; {prompt!r} -> {found}")
     assert count == sampler["frames"] and size == (sampler["height"], sampler["width"])
+    wanted = parse_caption(prompt)
+    assert (found["colour"], found["direction"]) == (wanted["colour"], wanted["direction"]), found
 
 
 def test_saved_encoded_prompts_replace_t5_and_the_llm(comfyui):

@@ -90,11 +90,11 @@ def test_alignment_benchmark_prints_both_arms_and_writes_gifs(quick_build, quick
     """bench/alignment.py end to end on the quick arms (2 prompts): the table, the targets, the pictures."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "alignment.py"), "--model", str(quick_build[0]), "--ablation",
-         str(quick_arm), "--limit", "2", "--gif", str(tmp_path)], capture_output=True, text=True, timeout=300)
+         str(quick_arm), "--limit", "2", "--repeats", "1", "--gif", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| fuser |", "| no-fuser |"))]
     assert len(rows) == 4 and all(line.count("%") == 5 for line in rows), result.stdout  # 2 arms x 2 guidance
-    assert "held-out prompts: 2, seed 0" in result.stdout and "target colour >= 90%: fuser @ 2 " in result.stdout
+    assert "held-out prompts: 2 x seeds [0]" in result.stdout and "target colour >= 90%: fuser @ 2 " in result.stdout
     assert len(list(tmp_path.glob("*.gif"))) == 2 and len(list(tmp_path.glob("*.png"))) == 1
 
 
