@@ -126,9 +126,10 @@ def _encode(args, pipe, prompts: list[str], cached):
     from .prompt_cache import encode_features_cached
 
     if cached is None:
-        return pipe.fuse(pipe.encode_features(prompts, seed=args.seed))
-    cache, (t5_id, llm_id), _ = cached
-    features = encode_features_cached(pipe, prompts, cache, seed=args.seed, t5_identity=t5_id, llm_identity=llm_id)
+        features = pipe.encode_features(prompts, seed=args.seed)
+    else:
+        cache, (t5_id, llm_id), _ = cached
+        features = encode_features_cached(pipe, prompts, cache, seed=args.seed, t5_identity=t5_id, llm_identity=llm_id)
     return pipe.fuse(features)
 
 

@@ -81,6 +81,25 @@ class _EveryStep(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def chat_template_parts(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids the chat template puts before and after the user's prompt: the LLM reads
+    prefix + prompt + suffix (+ an instruction), and the query tokens are cropped out between them."""
+    tok = tokenizer
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok("x").input_ids[:1] == [tok.bos_token_id] else []
+    if not getattr(tok, "chat_template", None):
+        return bos, []
+    text = tok.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                   add_generation_prompt=True)
+    before, after = text.split(_SENTINEL)
+    if tok.bos_token and before.startswith(tok.bos_token):
+        bos = []
+    return bos + text_ids(tok, before), text_ids(tok, after)
+
+
 class LLMTextEncoder:
     """Hidden states of a transformers causal LM for the fuser: query, answer and instruction tokens."""
 
@@ -89,23 +108,10 @@ class LLMTextEncoder:
         if llm.config.hidden_size != config.llm_dim:
             raise ValueError(f"the fuser expects an LLM of hidden size {config.llm_dim}, but this LLM "
                              f"({type(llm).__name__}) has hidden size {llm.config.hidden_size}")
-        self.prefix, self.suffix = self._template_parts()
+        self.prefix, self.suffix = chat_template_parts(tokenizer)
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def _template_parts(self) -> tuple[list[int], list[int]]:
-        """Token ids the chat template puts before and after the user's prompt (cropped off the query)."""
-        tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok("x").input_ids[:1] == [tok.bos_token_id] else []
-        if not getattr(tok, "chat_template", None):
-            return bos, []
-        text = tok.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                       add_generation_prompt=True)
-        before, after = text.split(_SENTINEL)
-        if tok.bos_token and before.startswith(tok.bos_token):
-            bos = []
-        return bos + self._ids(before), self._ids(after)
+        return text_ids(self.tokenizer, text)
 
     @property
     def device(self):

@@ -11,32 +11,31 @@ import torch
 from mimir.demo.analysis import parse_caption
 from mimir.demo.build import Recipe, build, lesson_ids, llm_lessons, main, make_tokenizers
 from mimir.demo.world import make_dataset
+from mimir.fuser import DEFAULT_INSTRUCTIONS
 from mimir.loading import load_pipeline
+from mimir.text import chat_template_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_llm_lessons_match_what_the_text_encoder_feeds():
-    """The LLM learns on exactly the token ids LLMTextEncoder builds (chat prefix + query + suffix [+ instruction])."""
-    from mimir.text import LLMTextEncoder
-
+def test_llm_lessons_teach_the_attributes_in_the_text_encoders_layout():
+    """Each lesson reads chat prefix + caption + suffix (+ instruction), as LLMTextEncoder feeds the LLM, and
+    answers with the canonical caption or one attribute word; every word is in the LLM's vocabulary."""
     _, tokenizer = make_tokenizers()
+    template = chat_template_parts(tokenizer)
     spec = make_dataset(1, seed=3)[0]
     lessons = llm_lessons(spec)
-    assert parse_caption(lessons[0][1]) == spec.attributes()  # the canonical restatement
-    assert [answer for _, answer in lessons[1:]][:2] == [spec.motion, spec.colour]
-    encoder = LLMTextEncoder.__new__(LLMTextEncoder)
-    encoder.tokenizer = tokenizer
-    prefix, suffix = encoder._template_parts()
-    context = prefix + tokenizer(spec.caption, add_special_tokens=False).input_ids + suffix
-    ids, labels = lesson_ids(tokenizer, *lessons[0])
-    assert ids[:len(context)] == context and labels[:len(context)] == [-100] * len(context)
-    assert tokenizer.unk_token_id not in ids
-    ids, labels = lesson_ids(tokenizer, *lessons[1])
-    instruction = tokenizer("Describe the detailed motion of objects in video.", add_special_tokens=False).input_ids
-    assert ids[:len(context) + len(instruction)] == context + instruction
-    assert tokenizer.unk_token_id not in instruction
-    assert tokenizer.decode([i for i in labels if i != -100], skip_special_tokens=True) == spec.motion
+    assert [(caption, instruction) for caption, instruction, _ in lessons] == [(spec.caption, "")] + [
+        (spec.caption, text) for text in DEFAULT_INSTRUCTIONS]
+    answers = []
+    for lesson in lessons:
+        ids, labels = lesson_ids(tokenizer, template, *lesson)
+        assert tokenizer.unk_token_id not in ids
+        context = len(ids) - sum(label != -100 for label in labels)
+        assert ids[:len(template[0])] == template[0] and labels[:context] == [-100] * context
+        answers.append(tokenizer.decode([i for i in labels if i != -100], skip_special_tokens=True))
+    assert parse_caption(answers[0]) == spec.attributes()  # the canonical restatement
+    assert answers[1:3] == [spec.motion, spec.colour]
 
 
 @pytest.fixture(scope="module")

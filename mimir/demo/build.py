@@ -40,6 +40,7 @@ from ..fuser import DEFAULT_INSTRUCTIONS, FuserConfig, TokenFuser
 from ..loading import DEMO_MODEL_DIR, load_pipeline, load_scheduler, load_token_fuser, load_transformer, save_pipeline
 from ..pipeline import MimirPipeline
 from ..testing import word_tokenizer
+from ..text import chat_template_parts, text_ids
 from . import DEMO_GUIDANCE, DEMO_STEPS
 from .world import COUNT_WORDS, PLURALS, caption_vocabulary, make_caption, make_dataset, render, write_dataset
 
@@ -93,12 +94,11 @@ class Recipe:
         return cls(**{**small, **changes})
 
     def fuser_config(self) -> FuserConfig:
-        if not self.fuser:
-            return FuserConfig(t5_dim=self.t5_dim, llm_dim=self.llm_dim, text_len=self.text_len,
-                               stabilizer_tokens=0, instructions=(), answer_tokens=0)
+        """The full fuser, or for the ablation arm one that passes T5 through (no LLM tokens of any kind)."""
+        instructions = DEFAULT_INSTRUCTIONS if self.fuser else ()
         return FuserConfig(t5_dim=self.t5_dim, llm_dim=self.llm_dim, text_len=self.text_len,
-                           stabilizer_tokens=len(DEFAULT_INSTRUCTIONS), instructions=DEFAULT_INSTRUCTIONS,
-                           answer_tokens=self.answer_tokens)
+                           stabilizer_tokens=len(instructions), instructions=instructions,
+                           answer_tokens=self.answer_tokens if self.fuser else 0)
 
 
 # ---- 1. world ---------------------------------------------------------------------------------------------
@@ -221,32 +221,33 @@ def make_llm(recipe: Recipe, tokenizer) -> Phi3ForCausalLM:
     return Phi3ForCausalLM(config)
 
 
-def llm_lessons(spec, instructions=DEFAULT_INSTRUCTIONS) -> list[tuple[str, str]]:
-    """(context, answer) pairs the LLM learns for one clip spec, the context being what LLMTextEncoder feeds it:
-    after the chat-wrapped caption, restate the caption canonically (the answer tokens); after the caption and
+def llm_lessons(spec, instructions=DEFAULT_INSTRUCTIONS) -> list[tuple[str, str, str]]:
+    """(caption, instruction, answer) triples the LLM learns for one clip spec, laid out as LLMTextEncoder feeds
+    it: after the chat-wrapped caption, restate the caption canonically (the answer tokens); after the caption and
     an instruction, name one attribute (motion, colour, shape, number: the instruction tokens)."""
     canonical = make_caption(spec.shape, spec.colour, spec.motion, spec.count)
     noun = spec.shape if spec.count == 1 else PLURALS[spec.shape]
     answers = (spec.motion, spec.colour, noun, ANSWER_WORDS[spec.count])
-    return [(spec.caption, canonical)] + [(f"{spec.caption}\n{i}", a) for i, a in zip(instructions, answers)]
+    return [(spec.caption, "", canonical)] + [(spec.caption, i, a) for i, a in zip(instructions, answers)]
 
 
-def lesson_ids(tokenizer, context: str, answer: str) -> tuple[list[int], list[int]]:
-    """(input ids, labels): the chat-wrapped context (no loss) then the answer and end-of-turn (loss)."""
-    caption, _, instruction = context.partition("\n")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": caption}], tokenize=False,
-                                           add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt + instruction, add_special_tokens=False).input_ids
-    answer_ids = tokenizer(f"{answer} {tokenizer.eos_token}", add_special_tokens=False).input_ids
-    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+def lesson_ids(tokenizer, template: tuple[list[int], list[int]], caption: str, instruction: str,
+               answer: str) -> tuple[list[int], list[int]]:
+    """(input ids, labels): prefix + caption + suffix + instruction, as LLMTextEncoder builds them (no loss), then
+    the answer and end-of-turn (loss). template: chat_template_parts(tokenizer)."""
+    prefix, suffix = template
+    context = prefix + text_ids(tokenizer, caption) + suffix + text_ids(tokenizer, instruction)
+    answer_ids = text_ids(tokenizer, f"{answer} {tokenizer.eos_token}")
+    return context + answer_ids, [-100] * len(context) + answer_ids
 
 
 def train_llm(recipe: Recipe, tokenizer, log=print) -> Phi3ForCausalLM:
     """Brief training on chat-formatted training-split captions (and the empty prompt), loss on answers only."""
     llm = make_llm(recipe, tokenizer).train()
     specs = make_dataset(max(recipe.llm_batch, recipe.clips), recipe.seed + 3, "train")
-    lessons = [lesson_ids(tokenizer, c, a) for spec in specs for c, a in llm_lessons(spec)]
-    lessons += [lesson_ids(tokenizer, "", "")] * (len(lessons) // 50)  # the empty prompt (guidance)
+    template = chat_template_parts(tokenizer)
+    lessons = [lesson_ids(tokenizer, template, *lesson) for spec in specs for lesson in llm_lessons(spec)]
+    lessons += [lesson_ids(tokenizer, template, "", "", "")] * (len(lessons) // 50)  # the empty prompt (guidance)
     optimizer = torch.optim.AdamW(llm.parameters(), lr=recipe.llm_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(recipe.llm_steps))
     rng = random.Random(recipe.seed)
