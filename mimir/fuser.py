@@ -90,7 +90,7 @@ class TokenFuser(nn.Module):
         self.config = config
         self.z_theta = _zero_linear(config.t5_dim, config.t5_dim)
         self.z_beta = _zero_linear(config.llm_dim, config.t5_dim)
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.ones(1))  # [1], not 0-dim: FSDP cannot shard a scalar parameter
         if config.stabilizer_tokens:
             self.instruction_proj = _zero_linear(config.llm_dim, config.t5_dim)
             self.stabilizer = nn.Parameter(torch.randn(config.stabilizer_tokens, config.t5_dim) * 0.02)
@@ -154,6 +154,8 @@ def load_fuser(path, device="cpu", dtype: torch.dtype = torch.float32) -> TokenF
     expected = {k: tuple(v.shape) for k, v in fuser.state_dict().items()}
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
+    if "scale" in state and state["scale"].ndim == 0:  # files written before the scale became [1]
+        state["scale"] = state["scale"].reshape(1)
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [f"{k}: shape {tuple(state[k].shape)} but the config needs {expected[k]}"

@@ -84,6 +84,23 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert torch.equal(loaded(t5, llm, mask, instr), fuser(t5, llm, mask, instr))
 
 
+def test_file_with_the_old_scalar_scale_loads_and_fuses_the_same(tmp_path):
+    """Fuser files written while the scale was 0-dim (the bundled demo model's) load into today's [1] scale."""
+    fuser = TokenFuser(CFG)
+    with torch.no_grad():
+        for p in fuser.parameters():
+            p.normal_()
+    state = {k: v.contiguous() for k, v in fuser.state_dict().items()}
+    assert state["scale"].shape == (1,)
+    state["scale"] = state["scale"].reshape(())
+    path = tmp_path / "old.safetensors"
+    save_file(state, str(path), metadata={"format": "mimir-token-fuser", "config": CFG.to_json()})
+    loaded = load_fuser(path)
+    assert loaded.scale.shape == (1,) and torch.equal(loaded.scale, fuser.scale)
+    t5, llm, mask, instr = inputs()
+    assert torch.equal(loaded(t5, llm, mask, instr), fuser(t5, llm, mask, instr))
+
+
 def test_file_with_wrong_dims_is_refused(tmp_path):
     path = tmp_path / "f.safetensors"
     save_fuser(TokenFuser(CFG), path)
