@@ -60,6 +60,7 @@ from .model import (
     cast,
     describe_trainable,
     encode_latent_params,
+    fsdp_wrap_policy,
     fuser_file,
     load_components,
     make_optimizer,
@@ -70,6 +71,7 @@ from .model import (
 )
 
 logger = logging.getLogger(__name__)
+DIT_BLOCK = "CogVideoXBlock"  # FSDP's unit when the accelerate config names none
 StepHook = Callable[[int, float], None]  # (step done, loss) after each optimizer step; may raise to stop
 
 
@@ -190,8 +192,7 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
     optimizer = make_optimizer(denoiser, config)
     schedule = LRSchedule(config.warmup_steps, config.max_steps, config.lr_schedule)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if accelerator.state.deepspeed_plugin is not None:  # no prepared data loader to read the batch size from
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    configure_sharding(accelerator, config, denoiser)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     params = trainable_parameters(denoiser)
     ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None
@@ -207,6 +208,15 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
                            config.batch_size * accelerator.num_processes, state["global_batch"])
         logger.info("resumed from %s at step %d", resume_from, run.start_step)
     return run
+
+
+def configure_sharding(accelerator: Accelerator, config: TrainConfig, denoiser: Denoiser) -> None:
+    """The FSDP / DeepSpeed settings accelerate's prepare() takes from the run rather than from its own config."""
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 1:
+        plugin = accelerator.state.fsdp_plugin  # FSDP2 shards per parameter: frozen and trained ones may share a unit
+        plugin.auto_wrap_policy = fsdp_wrap_policy(denoiser, config, plugin.transformer_cls_names_to_wrap or [DIT_BLOCK])
+    if accelerator.state.deepspeed_plugin is not None:  # no prepared data loader to read the batch size from
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
 
 
 def data_loader(run: Run) -> DataLoader:

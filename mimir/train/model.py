@@ -125,6 +125,19 @@ def setup_trainable(denoiser: Denoiser, config: TrainConfig) -> None:
     denoiser.train()
 
 
+def fsdp_wrap_policy(denoiser: Denoiser, config: TrainConfig, block_names):
+    """FSDP (v1) flattens each wrapped unit into one tensor of one dtype, so no unit may hold both frozen weights
+    (autocast dtype) and trained ones (fp32): one unit per DiT block (`block_names`, the accelerate config's), one
+    for the fuser, and under LoRA one per adapter layer. The root unit keeps the DiT's embeddings and output
+    layers, which train (full) or stay frozen (lora, frozen) with the rest of the DiT."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    blocks = set(block_names)
+    adapters = {id(m) for m in denoiser.transformer.modules() if config.dit == "lora" and not list(m.children())
+                and any(p.requires_grad for p in m.parameters())}
+    return CustomPolicy(lambda m: isinstance(m, TokenFuser) or type(m).__name__ in blocks or id(m) in adapters)
+
+
 def cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast only when needed (diffusers warns on every dtype cast)."""
     if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
