@@ -62,6 +62,7 @@ from .model import (
     encode_latent_params,
     fsdp_wrap_policy,
     fuser_file,
+    group_settings,
     load_components,
     make_optimizer,
     setup_trainable,
@@ -72,6 +73,8 @@ from .model import (
 
 logger = logging.getLogger(__name__)
 DIT_BLOCK = "CogVideoXBlock"  # FSDP's unit when the accelerate config names none
+SCHEDULE_FIELDS = ("lr", "fuser_lr", "warmup_steps", "max_steps", "lr_schedule", "weight_decay", "adam_beta1",
+                   "adam_beta2", "adam_eps")  # what a resumed run takes from its own config, not the checkpoint
 StepHook = Callable[[int, float], None]  # (step done, loss) after each optimizer step; may raise to stop
 
 
@@ -85,8 +88,7 @@ class Run:
     dataset: object  # VideoDataset or CachedDataset
     model: torch.nn.Module  # the prepared Denoiser (DDP / DeepSpeed / FSDP wrapped)
     optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
-    schedule: LRSchedule
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR  # of an LRSchedule
     params: list  # trained parameters (of the unwrapped modules)
     ema: EMAModel | None
     scaling: float  # VAE scaling factor
@@ -110,15 +112,15 @@ def train(config: TrainConfig, components: dict | None = None, on_step: StepHook
                disable=not (progress and main))
     losses, checkpoint, loop_start = [], None, time.perf_counter()
     for step in range(run.start_step, config.max_steps):
+        rates = used_rates(run.optimizer)  # before the step moves the schedule on
         loss, grad_norm = optimizer_step(run, batches)
-        done, lr = step + 1, config.lr * run.schedule(step)
+        done = step + 1
         losses.append((done, loss))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}")
+        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{rates.get('dit', rates['fuser']):.3g}")
         if done % config.log_every == 0 or done == config.max_steps:
-            fuser_lr = (config.lr if config.fuser_lr is None else config.fuser_lr) * run.schedule(step)
-            metrics.log(done, {"loss": loss, "lr": lr, "fuser_lr": fuser_lr, "grad_norm": grad_norm,
-                               "seconds": time.perf_counter() - started})
+            metrics.log(done, {"loss": loss, "lr": rates.get("dit"), "fuser_lr": rates["fuser"],
+                               "grad_norm": grad_norm, "seconds": time.perf_counter() - started})
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps:
             run.skipped = all_skipped(run.accelerator, run.skipped)
             checkpoint = save_checkpoint(run.accelerator, run_dir, done, run_state(run, done), config.keep_checkpoints)
@@ -190,24 +192,49 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
     setup_trainable(denoiser, config)
     denoiser.to(accelerator.device)
     optimizer = make_optimizer(denoiser, config)
-    schedule = LRSchedule(config.warmup_steps, config.max_steps, config.lr_schedule)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(config.warmup_steps, config.max_steps,
+                                                                           config.lr_schedule))
     configure_sharding(accelerator, config, denoiser)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     params = trainable_parameters(denoiser)
     ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None
     accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
     register_weight_hooks(accelerator)
-    run = Run(config, accelerator, pipe, dataset, model, optimizer, lr_scheduler, schedule, params, ema, scaling,
+    run = Run(config, accelerator, pipe, dataset, model, optimizer, lr_scheduler, params, ema, scaling,
               empty_row, prompts, skipped, describe_trainable(denoiser))
     if resume_from is not None:
+        layout = [(g["name"], g["decay"]) for g in optimizer.param_groups]  # older checkpoints' groups lack them
         state = load_checkpoint(accelerator, resume_from)
         run.start_step, run.skipped = state["step"], {**skipped, **state["skipped"]}
+        follow_config_schedule(run, layout, state["config"])
         if state["global_batch"] != config.batch_size * accelerator.num_processes:
             logger.warning("resuming with a global batch of %d instead of %d: the sample order changes",
                            config.batch_size * accelerator.num_processes, state["global_batch"])
         logger.info("resumed from %s at step %d", resume_from, run.start_step)
     return run
+
+
+def follow_config_schedule(run: Run, layout: list[tuple[str, bool]], saved: dict) -> None:
+    """load_state restored the optimizer settings and LR schedule of the run that saved the checkpoint (its
+    rates, warm-up and max_steps); the resumed run follows its own config from its next step on. `layout`:
+    (name, decay) of each optimizer group, as make_optimizer made them."""
+    config, groups = run.config, run.optimizer.param_groups
+    changed = [f"{k} {saved.get(k)} -> {getattr(config, k)}" for k in SCHEDULE_FIELDS if saved.get(k) != getattr(config, k)]
+    if changed:
+        logger.warning("resuming at step %d with this config's %s", run.start_step, ", ".join(changed))
+    schedule = LRSchedule(config.warmup_steps, config.max_steps, config.lr_schedule)
+    for group, (name, decay) in zip(groups, layout, strict=True):
+        group.update(name=name, decay=decay, **group_settings(config, name, decay))
+        group["initial_lr"] = group["lr"]
+    run.lr_scheduler.base_lrs = [g["initial_lr"] for g in groups]
+    run.lr_scheduler.lr_lambdas = [schedule] * len(groups)
+    for group in groups:  # the rate of the next step; LambdaLR's step counter is the checkpoint's step
+        group["lr"] = group["initial_lr"] * schedule(run.lr_scheduler.last_epoch)
+
+
+def used_rates(optimizer) -> dict[str, float]:
+    """{"fuser": rate, "dit": rate (when the DiT trains)} the optimizer's next step uses."""
+    return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
 def configure_sharding(accelerator: Accelerator, config: TrainConfig, denoiser: Denoiser) -> None:

@@ -150,20 +150,28 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def make_optimizer(denoiser: Denoiser, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the fuser in its own groups (fuser_lr); no weight decay on biases, scales and norms."""
-    fuser_lr = config.lr if config.fuser_lr is None else config.fuser_lr
+    """AdamW with the fuser in its own groups (fuser_lr); no weight decay on biases, scales and norms. Each
+    group is tagged with `name` ("fuser" / "dit") and `decay`, the keys of group_settings."""
     groups = []
-    for module, lr in ((denoiser.fuser, fuser_lr), (denoiser.transformer, config.lr)):
+    for name, module in (("fuser", denoiser.fuser), ("dit", denoiser.transformer)):
         params = trainable_parameters(module)
-        groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": config.weight_decay})
-        groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
-    groups = [g for g in groups if g["params"]]
-    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "name": name, "decay": decay, **group_settings(config, name, decay)})
     if use_8bit_adam(config):
         import bitsandbytes
 
-        return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+        return bitsandbytes.optim.AdamW8bit(groups)
+    return torch.optim.AdamW(groups)
+
+
+def group_settings(config: TrainConfig, name: str, decay: bool) -> dict:
+    """The settings of the optimizer's group `name` that come from the config (set again on resume: a
+    checkpoint restores the settings of the run that saved it)."""
+    lr = config.lr if name == "dit" or config.fuser_lr is None else config.fuser_lr
+    return {"lr": lr, "weight_decay": config.weight_decay if decay else 0.0,
+            "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
 
 
 def use_8bit_adam(config: TrainConfig) -> bool:
