@@ -22,7 +22,7 @@ from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_train_components
 from mimir.train import TrainConfig
 from mimir.train.cache import feature_rows
-from mimir.train.loop import configure_sharding, diffusion_loss
+from mimir.train.loop import configure_distributed, diffusion_loss
 from mimir.train.model import Denoiser, encode_latent_params, make_optimizer, setup_trainable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,9 +76,9 @@ def test_fsdp_wraps_every_dit_mode_and_steps(dit, lora_units, process_group, fsd
     setup_trainable(denoiser, config)
     optimizer = make_optimizer(denoiser, config)  # before wrapping, as the loop does: use_orig_params keeps them
     before = {name: (p, p.detach().clone()) for name, p in denoiser.named_parameters()}
-    configure_sharding(SimpleNamespace(distributed_type=DistributedType.FSDP,
-                                       state=SimpleNamespace(fsdp_plugin=fsdp_plugin, deepspeed_plugin=None)), config,
-                       denoiser)
+    launched = SimpleNamespace(distributed_type=DistributedType.FSDP, gradient_accumulation_steps=1, num_processes=1,
+                               state=SimpleNamespace(fsdp_plugin=fsdp_plugin, deepspeed_plugin=None))
+    configure_distributed(launched, config, denoiser)  # what the loop does to accelerate's plugin before prepare()
     model = accelerate_fsdp(denoiser, fsdp_plugin)
 
     units = FSDP.fsdp_modules(model)

@@ -67,6 +67,7 @@ from .model import (
     make_optimizer,
     setup_trainable,
     trainable_parameters,
+    use_8bit_adam,
     weight_dtype,
     write_fresh_fuser,
 )
@@ -191,10 +192,10 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
     denoiser = Denoiser(pipe.fuser, pipe.transformer)
     setup_trainable(denoiser, config)
     denoiser.to(accelerator.device)
-    optimizer = make_optimizer(denoiser, config)
+    optimizer = make_optimizer(denoiser, config, deepspeed(accelerator))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(config.warmup_steps, config.max_steps,
                                                                            config.lr_schedule))
-    configure_sharding(accelerator, config, denoiser)
+    configure_distributed(accelerator, config, denoiser)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     params = trainable_parameters(denoiser)
     ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None
@@ -237,13 +238,32 @@ def used_rates(optimizer) -> dict[str, float]:
     return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
 
-def configure_sharding(accelerator: Accelerator, config: TrainConfig, denoiser: Denoiser) -> None:
-    """The FSDP / DeepSpeed settings accelerate's prepare() takes from the run rather than from its own config."""
+def configure_distributed(accelerator: Accelerator, config: TrainConfig, denoiser: Denoiser) -> None:
+    """What the run's config decides over `accelerate launch`'s config, set before prepare(): gradient
+    accumulation (accelerate takes the launch config's over the Accelerator's argument), DeepSpeed's batch
+    arithmetic and clipping, FSDP's units."""
+    if accelerator.gradient_accumulation_steps != config.grad_accum:
+        logger.warning("the launch config's gradient_accumulation_steps %d is replaced by grad_accum=%d",
+                       accelerator.gradient_accumulation_steps, config.grad_accum)
+        accelerator.gradient_accumulation_steps = config.grad_accum
     if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 1:
         plugin = accelerator.state.fsdp_plugin  # FSDP2 shards per parameter: frozen and trained ones may share a unit
         plugin.auto_wrap_policy = fsdp_wrap_policy(denoiser, config, plugin.transformer_cls_names_to_wrap or [DIT_BLOCK])
-    if accelerator.state.deepspeed_plugin is not None:  # no prepared data loader to read the batch size from
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    if accelerator.state.deepspeed_plugin is not None:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        settings = deepspeed_settings(config, accelerator.num_processes)
+        replaced = [f"{k} {ds_config[k]} -> {v}" for k, v in settings.items() if ds_config.get(k, "auto") not in ("auto", v)]
+        if replaced:
+            logger.warning("DeepSpeed config: %s (from the run's config)", ", ".join(replaced))
+        ds_config.update(settings)
+
+
+def deepspeed_settings(config: TrainConfig, num_processes: int) -> dict:
+    """The DeepSpeed config entries that make one logged step one optimizer update of batch_size x grad_accum x
+    processes clips, clipped at max_grad_norm (DeepSpeed clips inside its step; 0 disables it there too)."""
+    return {"train_micro_batch_size_per_gpu": config.batch_size, "gradient_accumulation_steps": config.grad_accum,
+            "train_batch_size": config.batch_size * config.grad_accum * num_processes,
+            "gradient_clipping": config.max_grad_norm}
 
 
 def data_loader(run: Run) -> DataLoader:
@@ -263,7 +283,14 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # settings: start from a fresh accelerator state, keeping the process group (PartialState)
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.grad_accum)
+    use_8bit_adam(config, deepspeed(accelerator))  # refuses an optimizer the launch cannot use, before any loading
+    return accelerator
+
+
+def deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def start_run(accelerator: Accelerator, config: TrainConfig, run_dir: Path) -> Path | None:

@@ -149,7 +149,7 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def make_optimizer(denoiser: Denoiser, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(denoiser: Denoiser, config: TrainConfig, deepspeed: bool = False) -> torch.optim.Optimizer:
     """AdamW with the fuser in its own groups (fuser_lr); no weight decay on biases, scales and norms. Each
     group is tagged with `name` ("fuser" / "dit") and `decay`, the keys of group_settings."""
     groups = []
@@ -159,7 +159,7 @@ def make_optimizer(denoiser: Denoiser, config: TrainConfig) -> torch.optim.Optim
             chosen = [p for p in params if (p.ndim >= 2) == decay]
             if chosen:
                 groups.append({"params": chosen, "name": name, "decay": decay, **group_settings(config, name, decay)})
-    if use_8bit_adam(config):
+    if use_8bit_adam(config, deepspeed):
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(groups)
@@ -174,12 +174,18 @@ def group_settings(config: TrainConfig, name: str, decay: bool) -> dict:
             "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
 
 
-def use_8bit_adam(config: TrainConfig) -> bool:
+def use_8bit_adam(config: TrainConfig, deepspeed: bool = False) -> bool:
+    """optimizer=auto: 8-bit AdamW when bitsandbytes and CUDA are there, but not under DeepSpeed: ZeRO steps a
+    flat fp32 copy of the weights and is tested with torch's and its own optimizers only (accelerate lets any
+    torch optimizer through by setting zero_allow_untested_optimizer)."""
     have = importlib.util.find_spec("bitsandbytes") is not None
+    if config.optimizer == "adamw8bit" and deepspeed:
+        raise ValueError("optimizer=adamw8bit is not used under DeepSpeed (ZeRO steps its fp32 shards with the "
+                         "optimizers it has tested): use optimizer=adamw or auto")
     if config.optimizer == "adamw8bit" and not have:
         raise ValueError("optimizer=adamw8bit needs the bitsandbytes package (pip install bitsandbytes)")
     return config.optimizer == "adamw8bit" or (config.optimizer == "auto" and have and torch.cuda.is_available()
-                                               and config.device != "cpu")
+                                               and config.device != "cpu" and not deepspeed)
 
 
 class LRSchedule:
