@@ -27,13 +27,12 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..offload import Placement
 from ..pipeline import MimirPipeline
 from ..text import TextFeatures
 from ..video import VideoReadError
 from .config import TrainConfig
 from .data import Clip, load_clip, read_clips
-from .model import encode_latent_params, fuser_file, load_components, write_fresh_fuser
+from .model import encode_latent_params, frozen_placement, fuser_file, load_components, write_fresh_fuser
 
 logger = logging.getLogger(__name__)
 FORMAT = "mimir-train-cache"
@@ -121,9 +120,8 @@ def build_cache(config: TrainConfig, components: dict | None = None, progress: b
             and fuser_file(config, folder) is None:
         write_fresh_fuser(config, folder)
     state.wait_for_everyone()
-    path = fuser_file(config, folder)
-    parts = components or load_components(config, path)
-    pipe = MimirPipeline(**parts, placement=Placement(state.device, "cpu" if config.offload else state.device))
+    parts = dict(components) if components is not None else load_components(config, fuser_file(config, folder), dit=False)
+    pipe = MimirPipeline(**{**parts, "transformer": None}, placement=frozen_placement(parts, config, state.device))
     meta = cache_meta(config, pipe.fuser.config, float(pipe.vae.config.scaling_factor))
     if state.is_main_process:
         _start_folder(folder, meta)
@@ -177,10 +175,18 @@ def _write_prompts(pipe, config: TrainConfig, folder: Path) -> None:
     """The empty prompt (text dropout, unconditional validation) and the validation prompts."""
     if not (folder / EMPTY).exists():
         save_rows(feature_rows(pipe.encode_features([""], seed=config.seed)), folder / EMPTY, {})
-    prompts = list(config.validation_prompts)
-    if prompts and cached_prompts(folder) != prompts:
-        rows = feature_rows(pipe.encode_features(prompts, seed=config.seed))
-        save_rows(rows, folder / PROMPTS, {"prompts": json.dumps(prompts)})
+    add_prompts(pipe, folder, config.validation_prompts, config.seed)
+
+
+def add_prompts(pipe, folder: Path, prompts: list[str], seed: int) -> None:
+    """Encode the `prompts` the cache lacks into prompts.safetensors, next to those of earlier configs (so that
+    runs with other validation prompts, e.g. the 5B and LoRA configs, share one cache)."""
+    have = cached_prompts(folder)
+    missing = [p for p in dict.fromkeys(prompts) if p not in have]
+    if not missing:
+        return
+    rows = (load_rows(Path(folder) / PROMPTS)[0] if have else []) + feature_rows(pipe.encode_features(missing, seed=seed))
+    save_rows(rows, Path(folder) / PROMPTS, {"prompts": json.dumps(have + missing)})
 
 
 def cached_prompts(folder: Path) -> list[str]:
@@ -235,8 +241,10 @@ class CachedDataset(Dataset):
         return load_rows(self.folder / EMPTY)[0][0]
 
     def prompt_rows(self, prompts: list[str]) -> list[dict]:
-        if cached_prompts(self.folder) != list(prompts):
-            raise ValueError(f"the cache {self.folder} holds features for the validation prompts "
-                             f"{cached_prompts(self.folder)}, not {list(prompts)}: run `mimir cache` again with "
-                             f"these validation_prompts (it only encodes the prompts)")
-        return load_rows(self.folder / PROMPTS)[0]
+        names = cached_prompts(self.folder)
+        missing = [p for p in prompts if p not in names]
+        if missing:
+            raise ValueError(f"the cache {self.folder} holds no features for the validation prompts {missing} "
+                             f"(it has {names}): run `mimir cache` again with these validation_prompts")
+        rows = load_rows(self.folder / PROMPTS)[0]
+        return [rows[names.index(p)] for p in prompts]

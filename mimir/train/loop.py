@@ -15,6 +15,7 @@ the number of processes (for the same global batch) or on where a run was stoppe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -38,6 +39,8 @@ from ..pipeline import MimirPipeline, fit_text_positions, rotary_embeddings
 from ..video import write_video
 from .cache import (
     CachedDataset,
+    add_prompts,
+    cached_prompts,
     check_meta,
     describe_cache,
     stack_features,
@@ -57,18 +60,18 @@ from .metrics import Metrics
 from .model import (
     Denoiser,
     LRSchedule,
-    cast,
     describe_trainable,
     encode_latent_params,
+    frozen_placement,
     fsdp_wrap_policy,
     fuser_file,
     group_settings,
     load_components,
+    load_text_encoders,
     make_optimizer,
     setup_trainable,
     trainable_parameters,
     use_8bit_adam,
-    weight_dtype,
     write_fresh_fuser,
 )
 
@@ -188,7 +191,7 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
     pipe = open_pipeline(accelerator, config, components, run_dir)
     scaling = check_features(config, dataset, pipe)
     empty_row = dataset.empty_prompt() if isinstance(dataset, CachedDataset) else None
-    prompts = validation_features(config, dataset, pipe, empty_row)
+    prompts = validation_features(accelerator, config, dataset, pipe, empty_row)
     denoiser = Denoiser(pipe.fuser, pipe.transformer)
     setup_trainable(denoiser, config)
     denoiser.to(accelerator.device)
@@ -327,11 +330,7 @@ def open_pipeline(accelerator: Accelerator, config: TrainConfig, components: dic
         fresh_dir = run_dir
     parts = dict(components) if components is not None else \
         load_components(config, fuser_file(config, fresh_dir), encoders=not cached, vae=not cached or config.validate_every > 0)
-    device = accelerator.device
-    placement = Placement(device, "cpu" if config.offload else device)
-    for name in ("text_encoder", "llm", "vae"):
-        if parts.get(name) is not None:
-            cast(parts[name], weight_dtype(config)).to(placement.offload_device).requires_grad_(False)
+    placement = frozen_placement(parts, config, accelerator.device)
     fit_text_positions(parts["transformer"], parts["fuser"].config.out_len)  # 2B: sin-cos positions for n + K
     return MimirPipeline(**parts, placement=placement)
 
@@ -349,13 +348,29 @@ def check_features(config: TrainConfig, dataset, pipe: MimirPipeline) -> float:
     return float(meta["scaling_factor"])
 
 
-def validation_features(config: TrainConfig, dataset, pipe: MimirPipeline, empty_row):
-    """Features of "" followed by the validation prompts (encoded once, or read from the cache)."""
+def validation_features(accelerator: Accelerator, config: TrainConfig, dataset, pipe: MimirPipeline, empty_row):
+    """Features of "" followed by the validation prompts: encoded once, or read from the cache, which first gets
+    the prompts it lacks (T5 and the LLM are loaded for that alone when the run has none)."""
     if not config.validate_every:
         return None
-    if isinstance(dataset, CachedDataset):
-        return stack_features([empty_row] + dataset.prompt_rows(config.validation_prompts))
-    return pipe.encode_features([""] + list(config.validation_prompts), seed=config.seed)
+    if not isinstance(dataset, CachedDataset):
+        return pipe.encode_features([""] + list(config.validation_prompts), seed=config.seed)
+    missing = [p for p in config.validation_prompts if p not in cached_prompts(dataset.folder)]
+    if missing and accelerator.is_main_process:
+        logger.warning("the cache %s lacks the validation prompts %s: encoding them into it", dataset.folder, missing)
+        add_prompts(text_pipeline(config, pipe, accelerator.device), dataset.folder, missing, config.seed)
+    accelerator.wait_for_everyone()
+    return stack_features([empty_row] + dataset.prompt_rows(config.validation_prompts))
+
+
+def text_pipeline(config: TrainConfig, pipe: MimirPipeline, device) -> MimirPipeline:
+    """`pipe` when it holds T5 and the LLM, else a pipeline of those alone: each waits on the CPU and is on
+    `device` only for its stage, next to the DiT already there."""
+    if pipe.text_encoder is not None:
+        return pipe
+    parts = load_text_encoders(config)
+    placement = frozen_placement(parts, dataclasses.replace(config, offload=True), device)
+    return MimirPipeline(None, None, None, fuser=pipe.fuser, placement=placement, **parts)
 
 
 def run_state(run: Run, step: int) -> dict:

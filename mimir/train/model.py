@@ -16,12 +16,15 @@ from torch import nn
 from ..fuser import FuserConfig, TokenFuser, save_fuser
 from ..loading import (
     inspect,
+    load_llm,
     load_pipeline,
     load_scheduler,
+    load_t5,
     load_token_fuser,
     load_transformer,
     load_vae,
 )
+from ..offload import Placement
 from ..testing import tiny_components
 from .config import TrainConfig
 from .data import pixels_to_vae_input
@@ -62,30 +65,56 @@ def write_fresh_fuser(config: TrainConfig, folder) -> Path:
     return path
 
 
-def load_components(config: TrainConfig, fuser_path: Path | None, encoders: bool = True, vae: bool = True) -> dict:
+def load_components(config: TrainConfig, fuser_path: Path | None, encoders: bool = True, vae: bool = True,
+                    dit: bool = True) -> dict:
     """MimirPipeline keyword arguments. Without `encoders` (training from a cache) no T5 or LLM is loaded,
-    without `vae` no VAE: a cached run needs neither in memory."""
+    without `vae` no VAE, without `dit` no DiT (caching needs none)."""
     dtype = weight_dtype(config)
     if config.model.startswith("tiny"):
         parts = tiny_components(variant=config.model.partition(":")[2] or "2b")
         if fuser_path is not None:
             parts["fuser"] = load_token_fuser(fuser_path, dtype=torch.float32)[0]
-    elif encoders:
+    elif encoders and dit:
         pipe = load_pipeline(config.model, dtype=dtype, fuser_path=fuser_path, llm_path=config.llm)
         parts = {name: getattr(pipe, name) for name in ("transformer", "vae", "scheduler", "tokenizer",
                                                         "text_encoder", "llm", "llm_tokenizer", "fuser")}
     else:
         fuser = load_token_fuser(fuser_path, dtype=torch.float32)[0]
         parts = dict(fuser=fuser, scheduler=load_scheduler(config.model),
-                     transformer=load_transformer(config.model, dtype, text_len=fuser.config.out_len)[0],
+                     transformer=load_transformer(config.model, dtype, text_len=fuser.config.out_len)[0] if dit else None,
                      vae=load_vae(config.model, dtype)[0] if vae else None)
+        if encoders:
+            parts.update(load_text_encoders(config))
     if parts.get("fuser") is None:
         raise ValueError(f"{config.model}: no token fuser to train (give fuser= or llm=)")
     if not encoders:
         parts.update(tokenizer=None, text_encoder=None, llm=None, llm_tokenizer=None)
     if not vae:
         parts["vae"] = None
+    if not dit:
+        parts["transformer"] = None
     return parts
+
+
+def load_text_encoders(config: TrainConfig) -> dict:
+    """T5 and the LLM with their tokenizers (MimirPipeline keyword arguments) of `config.model` (`config.llm`
+    when given), in the autocast dtype, on the CPU."""
+    if config.model.startswith("tiny"):
+        parts = tiny_components(variant=config.model.partition(":")[2] or "2b")
+        return {name: parts[name] for name in ("text_encoder", "tokenizer", "llm", "llm_tokenizer")}
+    text_encoder, tokenizer, _ = load_t5(config.model, dtype=weight_dtype(config))
+    llm, llm_tokenizer, _ = load_llm(config.llm or config.model, weight_dtype(config))
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer, llm=llm, llm_tokenizer=llm_tokenizer)
+
+
+def frozen_placement(parts: dict, config: TrainConfig, device) -> Placement:
+    """Frozen encoders (T5, LLM, VAE) take the autocast dtype and wait on `device`, where their stages run, or
+    on the CPU with `offload` (each stage then moves its model in and out). -> the pipeline's placement."""
+    placement = Placement(device, "cpu" if config.offload else device)
+    for name in ("text_encoder", "llm", "vae"):
+        if parts.get(name) is not None:
+            cast(parts[name], weight_dtype(config)).to(placement.offload_device).requires_grad_(False)
+    return placement
 
 
 class Denoiser(nn.Module):
