@@ -10,7 +10,7 @@ import torch
 
 import mimir.train.model as train_model
 from mimir.demo.world import write_dataset
-from mimir.loading import save_pipeline
+from mimir.loading import load_pipeline, save_pipeline
 from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_train_components
 from mimir.train import TrainConfig, main_cache, main_train
@@ -54,7 +54,10 @@ def test_readme_cache_then_lora_from_that_cache(tmp_path, monkeypatch, calls):
     assert main_train(["--config", str(CONFIGS / "mimir_5b_lora.yaml"), *SMALL]) == 0
     assert calls == {"load_transformer": 1, "load_t5": 1}  # the cache held the LoRA config's prompts: no T5 load
     summary = json.loads(Path("runs/mimir_5b_lora/summary.json").read_text())
-    assert summary["steps"] == 2 and summary["trainable"]["dit"] > 0 and "transformer" in summary["export"]
+    assert summary["steps"] == 2 and summary["trainable"]["dit"] > 0
+    assert set(summary["export"]) == {"fuser", "transformer", "pipeline"}  # from a cache: frozen parts copied
+    exported = load_pipeline(summary["export"]["pipeline"])
+    assert exported.llm is not None and exported.fuser.config.llm_dim == parts["llm"].config.hidden_size
     for i in range(2):
         assert read_video(f"runs/mimir_5b_lora/validation/step-00000002-{i}.mp4").shape == (9, 16, 16, 3)
 

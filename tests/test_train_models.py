@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mimir.fuser import load_fuser
-from mimir.loading import save_pipeline
+from mimir.loading import load_pipeline, save_pipeline
 from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_train_components
 from mimir.train import main_cache, main_train
@@ -26,7 +26,8 @@ def test_mimir_folder_from_cache_and_plain_cogvideox_with_fresh_fuser(world_clip
     assert main_train([f"model={tmp_path / 'mimir'}", f"cache={tmp_path / 'cache'}", "max_steps=2", "lr=1e-3",
                        f"output_dir={tmp_path / 'from_cache'}", *SIZE]) == 0
     summary = json.loads((tmp_path / "from_cache" / "summary.json").read_text())
-    assert summary["final_loss"] > 0 and set(summary["export"]) == {"fuser", "transformer"}  # no encoders loaded
+    assert summary["final_loss"] > 0 and set(summary["export"]) == {"fuser", "transformer", "pipeline"}
+    assert load_pipeline(summary["export"]["pipeline"]).fuser is not None  # its frozen parts copied from the folder
 
     save_pipeline(MimirPipeline(**{**parts, "llm": None, "llm_tokenizer": None, "fuser": None}), tmp_path / "plain")
     parts["llm"].save_pretrained(tmp_path / "llm")

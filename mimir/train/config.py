@@ -74,6 +74,7 @@ class TrainConfig:
     validation_guidance: float = 6.0
     validation_fps: int = 8
     export: bool = True  # write fuser + DiT (single file and diffusers folder) at the end
+    export_dtype: str = "source"  # source (the dtype of the files they started from) | fp32 | bf16 | fp16
 
     def __post_init__(self):
         check_video_size(self.num_frames, self.height, self.width)
@@ -82,6 +83,7 @@ class TrainConfig:
         _choose("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choose("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choose("device", self.device, ("auto", "cpu", "cuda"))
+        _choose("export_dtype", self.export_dtype, ("source", "fp32", "bf16", "fp16"))
         for name in ("max_steps", "batch_size", "grad_accum", "frame_stride", "keep_checkpoints", "lora_rank",
                      "cache_shard_size", "validation_steps", "validation_fps", "log_every"):
             _at_least(name, getattr(self, name), 1)

@@ -100,6 +100,7 @@ class Run:
     prompts: object  # features of "" + validation prompts
     skipped: dict  # videos skipped so far {path: reason}
     trainable: dict
+    fuser_source: Path | None  # the fuser file the run started from (None: the components' own)
     start_step: int = 0
 
 
@@ -188,7 +189,8 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
     resume_from = start_run(accelerator, config, run_dir)
     set_seed(config.seed)
     dataset, skipped = open_dataset(config)
-    pipe = open_pipeline(accelerator, config, components, run_dir)
+    fuser_source = start_fuser(accelerator, config, components, run_dir)
+    pipe = open_pipeline(accelerator, config, components, fuser_source)
     scaling = check_features(config, dataset, pipe)
     empty_row = dataset.empty_prompt() if isinstance(dataset, CachedDataset) else None
     prompts = validation_features(accelerator, config, dataset, pipe, empty_row)
@@ -205,7 +207,7 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
     accelerator.register_for_checkpointing(lr_scheduler, *([ema] if ema else []))
     register_weight_hooks(accelerator)
     run = Run(config, accelerator, pipe, dataset, model, optimizer, lr_scheduler, params, ema, scaling,
-              empty_row, prompts, skipped, describe_trainable(denoiser))
+              empty_row, prompts, skipped, describe_trainable(denoiser), fuser_source)
     if resume_from is not None:
         layout = [(g["name"], g["decay"]) for g in optimizer.param_groups]  # older checkpoints' groups lack them
         state = load_checkpoint(accelerator, resume_from)
@@ -318,18 +320,26 @@ def open_dataset(config: TrainConfig):
     return VideoDataset(clips, config.num_frames, config.height, config.width, config.frame_stride), skipped
 
 
-def open_pipeline(accelerator: Accelerator, config: TrainConfig, components: dict | None, run_dir: Path):
-    """The pipeline whose fuser and DiT train. Frozen encoders take the autocast dtype and, with `offload`,
-    wait on the CPU between their stages. From a cache, no T5 or LLM is loaded, and a VAE only to validate."""
-    cached = config.cache is not None
-    fresh_dir = config.cache if cached else run_dir
-    if components is None and not config.model.startswith("tiny") and fuser_file(config, fresh_dir) is None:
+def start_fuser(accelerator: Accelerator, config: TrainConfig, components: dict | None, run_dir: Path) -> Path | None:
+    """The fuser file the run starts from (model.fuser_file); a fresh one, written to run_dir, for a plain
+    CogVideoX. None when `components` bring their own fuser."""
+    if components is not None:
+        return None
+    fresh_dir = config.cache or run_dir
+    if not config.model.startswith("tiny") and fuser_file(config, fresh_dir) is None:
         if accelerator.is_main_process:
             write_fresh_fuser(config, run_dir)
         accelerator.wait_for_everyone()
         fresh_dir = run_dir
+    return fuser_file(config, fresh_dir)
+
+
+def open_pipeline(accelerator: Accelerator, config: TrainConfig, components: dict | None, fuser_path: Path | None):
+    """The pipeline whose fuser and DiT train. Frozen encoders take the autocast dtype and, with `offload`,
+    wait on the CPU between their stages. From a cache, no T5 or LLM is loaded, and a VAE only to validate."""
+    cached = config.cache is not None
     parts = dict(components) if components is not None else \
-        load_components(config, fuser_file(config, fresh_dir), encoders=not cached, vae=not cached or config.validate_every > 0)
+        load_components(config, fuser_path, encoders=not cached, vae=not cached or config.validate_every > 0)
     placement = frozen_placement(parts, config, accelerator.device)
     fit_text_positions(parts["transformer"], parts["fuser"].config.out_len)  # 2B: sin-cos positions for n + K
     return MimirPipeline(**parts, placement=placement)
@@ -488,6 +498,6 @@ def export(run: Run) -> dict | None:
     exported = None
     if run.accelerator.is_main_process:
         with ema_weights(run.ema, run.params):
-            exported = export_model(run.pipe, run.config, Path(run.config.output_dir) / "export")
+            exported = export_model(run.pipe, run.config, Path(run.config.output_dir) / "export", run.fuser_source)
     run.accelerator.wait_for_everyone()
     return exported
