@@ -34,6 +34,9 @@ def test_two_processes_match_one_with_the_same_global_batch(world_clips, tiny_ru
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the command the README gives for N CPU processes starts 2, and the loop says so
+    assert "mimir.train.loop: 2 processes (MULTI_CPU, cpu:0); global batch 2 = batch_size 1 x 2 x grad_accum 1" \
+        in done.stderr
     two = read_metrics(tmp_path / "two" / "metrics.csv")
     losses_one, losses_two = [loss for _, loss in one["losses"]], [row["loss"] for row in two]
     print("1 process x batch 2:", losses_one, "\n2 processes x batch 1:", losses_two)

@@ -128,6 +128,8 @@ def build_cache(config: TrainConfig, components: dict | None = None, progress: b
     state.wait_for_everyone()
     shards = range((len(clips) + config.cache_shard_size - 1) // config.cache_shard_size)
     todo = [k for k in shards[state.process_index::state.num_processes] if not (folder / shard_name(k)).exists()]
+    logger.info("process %d of %d: %d of the %d shards to write", state.process_index + 1, state.num_processes,
+                len(todo), len(shards))
     bar = tqdm(total=sum(len(_shard_clips(clips, k, config)) for k in todo), desc="caching", unit="clip",
                disable=not (progress and state.is_main_process))
     for k in todo:

@@ -4,7 +4,9 @@
     mimir cache --config FILE [key=value ...]
 
 Both read a TrainConfig (YAML or JSON; every field can be overridden as key=value). Multi-process runs start
-the same commands under `accelerate launch` (e.g. `accelerate launch -m mimir.train --config FILE`).
+the same commands under `accelerate launch` with a launch config that names the processes (e.g. `accelerate
+launch --config_file mimir/train/configs/accelerate_ddp.yaml -m mimir.train --config FILE`; `-m mimir.cli cache`
+for the cache).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -56,6 +59,16 @@ def check_paths(config: TrainConfig, command: str) -> None:
                          f"folder, to start a fresh fuser)")
 
 
+def show_messages() -> None:
+    """The training messages (processes launched, resume, skipped videos) on stderr."""
+    log = logging.getLogger("mimir")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main_train(argv: list[str] | None = None) -> int:
     """`mimir train`: exit code 0, or 2 (argparse's) for a refused config before any work."""
     parser = _parser("mimir train", "Train the Mimir token fuser and the CogVideoX DiT end-to-end.")
@@ -67,6 +80,7 @@ def main_train(argv: list[str] | None = None) -> int:
         check_paths(config, "train")
     except ValueError as error:
         parser.error(str(error))
+    show_messages()
     try:
         summary = train(config)
     except (ValueError, FileNotFoundError) as error:
@@ -87,6 +101,7 @@ def main_cache(argv: list[str] | None = None) -> int:
         check_paths(config, "cache")
     except ValueError as error:
         parser.error(str(error))
+    show_messages()
     try:
         summary = build_cache(config)
     except (ValueError, FileNotFoundError) as error:

@@ -51,7 +51,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     weight_decay: float = 1e-4  # on matrices only, not on biases, scales or norms
-    optimizer: str = "auto"  # auto (8-bit AdamW when bitsandbytes and CUDA are there) | adamw | adamw8bit
+    optimizer: str = "auto"  # auto (8-bit AdamW with bitsandbytes on CUDA, not under DeepSpeed) | adamw | adamw8bit
     max_grad_norm: float = 1.0  # 0 disables clipping
     warmup_steps: int = 100
     lr_schedule: str = "constant"  # constant | cosine (to zero at max_steps), both after a linear warm-up
@@ -73,6 +73,7 @@ class TrainConfig:
     validation_steps: int = 25
     validation_guidance: float = 6.0
     validation_fps: int = 8
+    collective_timeout: int = 1800  # s a process waits for the others; validation stops denoising after half of it
     export: bool = True  # write fuser + DiT (single file and diffusers folder) at the end
     export_dtype: str = "source"  # source (the dtype of the files they started from) | fp32 | bf16 | fp16
 
@@ -85,7 +86,7 @@ class TrainConfig:
         _choose("device", self.device, ("auto", "cpu", "cuda"))
         _choose("export_dtype", self.export_dtype, ("source", "fp32", "bf16", "fp16"))
         for name in ("max_steps", "batch_size", "grad_accum", "frame_stride", "keep_checkpoints", "lora_rank",
-                     "cache_shard_size", "validation_steps", "validation_fps", "log_every"):
+                     "cache_shard_size", "validation_steps", "validation_fps", "log_every", "collective_timeout"):
             _at_least(name, getattr(self, name), 1)
         for name in ("num_workers", "warmup_steps", "checkpoint_every", "validate_every", "weight_decay",
                      "max_grad_norm"):

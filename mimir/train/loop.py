@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import time
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
@@ -186,6 +187,7 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
     """Accelerator, data, models, optimizer; the checkpoint's state when resuming."""
     run_dir = Path(config.output_dir)
     accelerator = make_accelerator(config)
+    describe_launch(accelerator, config)
     resume_from = start_run(accelerator, config, run_dir)
     set_seed(config.seed)
     dataset, skipped = open_dataset(config)
@@ -288,10 +290,21 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # settings: start from a fresh accelerator state, keeping the process group (PartialState)
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    # the process group's timeout (when this call starts it): how long a process waits for the others
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.collective_timeout))
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
-                              gradient_accumulation_steps=config.grad_accum)
+                              gradient_accumulation_steps=config.grad_accum, kwargs_handlers=[timeout])
     use_8bit_adam(config, deepspeed(accelerator))  # refuses an optimizer the launch cannot use, before any loading
     return accelerator
+
+
+def describe_launch(accelerator: Accelerator, config: TrainConfig) -> None:
+    """Say what the launch started (`accelerate launch --cpu --num_processes 2` starts one process, for one)."""
+    if accelerator.is_main_process:
+        n = accelerator.num_processes
+        logger.info("%d process%s (%s, %s); global batch %d = batch_size %d x %d x grad_accum %d", n,
+                    "" if n == 1 else "es", accelerator.distributed_type.value, accelerator.device,
+                    config.batch_size * n * config.grad_accum, config.batch_size, n, config.grad_accum)
 
 
 def deepspeed(accelerator: Accelerator) -> bool:
@@ -461,33 +474,56 @@ def ema_weights(ema, params):
         ema.restore(params)
 
 
+class ValidationTimeout(Exception):
+    pass
+
+
 def validate(run: Run, step: int) -> list[Path]:
-    """Videos of the validation prompts with the live fuser and DiT (main process)."""
-    accelerator, config, pipe = run.accelerator, run.config, run.pipe
+    """Videos of the validation prompts with the live fuser and DiT (main process). The other processes wait
+    in a collective meanwhile: denoising stops (no videos) once half of collective_timeout has passed."""
+    accelerator, config = run.accelerator, run.config
     if sharded(accelerator):
         logger.warning("validation videos need unsharded weights (DDP or ZeRO-2); skipped under FSDP / ZeRO-3")
         return []
     paths = []
     if accelerator.is_main_process:
-        live = MimirPipeline(pipe.transformer, pipe.vae, type(pipe.scheduler).from_config(pipe.scheduler.config),
-                             fuser=pipe.fuser, placement=Placement(accelerator.device, accelerator.device))
-        trained = (pipe.fuser, pipe.transformer)
+        trained = (run.pipe.fuser, run.pipe.transformer)
         for module in trained:
             module.eval()
-        with ema_weights(run.ema, run.params), torch.no_grad(), accelerator.autocast():
-            fused = live.fuse(run.prompts)
-            uncond, cond = fused[:1].expand(fused.shape[0] - 1, -1, -1), fused[1:]
-            latents = live.denoise(cond, uncond, config.num_frames, config.height, config.width,
-                                   config.validation_steps, config.validation_guidance, config.seed)
-            with pipe.placement.stage(pipe.vae):  # the VAE may wait on the CPU (offload)
-                frames = live.decode(latents)
-        for module in trained:
-            module.train()
+        try:
+            frames = validation_videos(run, deadline=time.monotonic() + config.collective_timeout / 2)
+        except ValidationTimeout as stop:
+            logger.warning("validation at step %d skipped: %s; raise collective_timeout (%d s) or lower "
+                           "validation_steps", step, stop, config.collective_timeout)
+            frames = []
+        finally:
+            for module in trained:
+                module.train()
         folder = Path(config.output_dir) / "validation"
         paths = [write_video(video, folder / f"step-{step:08d}-{i}.mp4", config.validation_fps)
                  for i, video in enumerate(frames)]
     accelerator.wait_for_everyone()
     return paths
+
+
+def validation_videos(run: Run, deadline: float) -> torch.Tensor:
+    """Denoise the validation prompts (checking `deadline`, time.monotonic(), at each step) and decode them with
+    VAE tiling and slicing: a 49 x 480 x 720 decode in one piece would need tens of GB next to the training."""
+    accelerator, config, pipe = run.accelerator, run.config, run.pipe
+    live = MimirPipeline(pipe.transformer, pipe.vae, type(pipe.scheduler).from_config(pipe.scheduler.config),
+                         fuser=pipe.fuser, placement=Placement(accelerator.device, accelerator.device))
+
+    def in_time(done: int, steps: int, latents) -> None:
+        if time.monotonic() > deadline:
+            raise ValidationTimeout(f"half the collective timeout passed after {done} of {steps} denoising steps")
+
+    with ema_weights(run.ema, run.params), torch.no_grad(), accelerator.autocast():
+        fused = live.fuse(run.prompts)
+        uncond, cond = fused[:1].expand(fused.shape[0] - 1, -1, -1), fused[1:]
+        latents = live.denoise(cond, uncond, config.num_frames, config.height, config.width, config.validation_steps,
+                               config.validation_guidance, config.seed, callback=in_time)
+        with pipe.placement.stage(pipe.vae):  # the VAE may wait on the CPU (offload)
+            return live.decode(latents, tiling=True, slicing=True)
 
 
 def export(run: Run) -> dict | None:
