@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mimir.testing import tiny_train_components
 from mimir.train import TrainConfig, build_cache, train
@@ -75,3 +75,26 @@ def test_resumed_cosine_with_more_steps_keeps_training(values, tmp_path):
     half, quarter = 0.5, 0.5 * (1 + math.cos(math.pi * 3 / 4))
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 0.5e-3, half * 1e-3, quarter * 1e-3], rel=1e-6)
     assert max(v.abs().max().item() for v in step_change(tmp_path / "longer", 3).values()) > 1e-4
+
+
+def test_checkpoint_from_before_the_scale_became_1d_resumes_the_same(values, tmp_path):
+    """A checkpoint written while the fuser's scale was 0-dim (its weight and Adam moments) resumes, and ends as
+    the same checkpoint written with today's [1] scale does."""
+    train(TrainConfig(**values, max_steps=1, warmup_steps=0, output_dir=str(tmp_path / "first")),
+          tiny_train_components(), progress=False)
+    shutil.copytree(tmp_path / "first", tmp_path / "old")
+    checkpoint = tmp_path / "old" / "checkpoints" / checkpoint_name(1)
+    weights = load_file(str(checkpoint / WEIGHTS))
+    weights["fuser.scale"] = weights["fuser.scale"].reshape(())
+    save_file(weights, str(checkpoint / WEIGHTS))
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    scalar = [s for s in optimizer["state"].values() if s["exp_avg"].shape == (1,)]
+    assert len(scalar) == 1  # the scale's moments
+    scalar[0].update(exp_avg=scalar[0]["exp_avg"].reshape(()), exp_avg_sq=scalar[0]["exp_avg_sq"].reshape(()))
+    torch.save(optimizer, checkpoint / "optimizer.bin")
+    ends = {}
+    for name in ("first", "old"):
+        train(TrainConfig(**values, max_steps=2, warmup_steps=0, output_dir=str(tmp_path / name), resume="latest"),
+              tiny_train_components(), progress=False)
+        ends[name] = load_file(str(tmp_path / name / "checkpoints" / checkpoint_name(2) / WEIGHTS))
+    assert all(torch.equal(ends["first"][k], ends["old"][k]) for k in ends["first"])

@@ -214,6 +214,7 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
         layout = [(g["name"], g["decay"]) for g in optimizer.param_groups]  # older checkpoints' groups lack them
         state = load_checkpoint(accelerator, resume_from)
         run.start_step, run.skipped = state["step"], {**skipped, **state["skipped"]}
+        fit_scalar_moments(run.optimizer)
         follow_config_schedule(run, layout, state["config"])
         if state["global_batch"] != config.batch_size * accelerator.num_processes:
             logger.warning("resuming with a global batch of %d instead of %d: the sample order changes",
@@ -238,6 +239,17 @@ def follow_config_schedule(run: Run, layout: list[tuple[str, bool]], saved: dict
     run.lr_scheduler.lr_lambdas = [schedule] * len(groups)
     for group in groups:  # the rate of the next step; LambdaLR's step counter is the checkpoint's step
         group["lr"] = group["initial_lr"] * schedule(run.lr_scheduler.last_epoch)
+
+
+def fit_scalar_moments(optimizer) -> None:
+    """Checkpoints from before the fuser's scale became [1] (FSDP shards no 0-dim parameter) hold its Adam
+    moments 0-dim, which Adam's in-place update into a [1] parameter refuses."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            moments = optimizer.state.get(p, {})
+            for key, value in moments.items():
+                if key != "step" and torch.is_tensor(value) and value.ndim == 0 and p.shape == (1,):
+                    moments[key] = value.reshape(1)
 
 
 def used_rates(optimizer) -> dict[str, float]:
