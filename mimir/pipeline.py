@@ -15,6 +15,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from diffusers.utils.torch_utils import randn_tensor
+from einops import rearrange
 
 from .fuser import FuserConfig
 from .offload import Placement, module_dtype
@@ -212,18 +213,18 @@ class MimirPipeline:
         self.vae.enable_tiling() if tiling and tiles_fit(self.vae) else self.vae.disable_tiling()
         self.vae.enable_slicing() if slicing else self.vae.disable_slicing()
         with self.placement.stage(self.vae) as device:
-            z = latents.permute(0, 2, 1, 3, 4).to(device=device, dtype=module_dtype(self.vae))
+            z = rearrange(latents, "b t c h w -> b c t h w").to(device=device, dtype=module_dtype(self.vae))
             video = self.vae.decode(z / self.vae.config.scaling_factor).sample
-        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu()
+        return rearrange((video.float() / 2 + 0.5).clamp(0, 1), "b c f h w -> b f h w c").cpu()
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames [B, F, H, W, 3] in 0..1 -> latents [B, T, C, h, w] in diffusion space (the VAE posterior's mode)."""
         check_video_size(*frames.shape[1:4])
         with self.placement.stage(self.vae) as device:
-            video = frames[..., :3].permute(0, 4, 1, 2, 3).to(device=device, dtype=module_dtype(self.vae)) * 2 - 1
-            z = self.vae.encode(video).latent_dist.mode()
-        return (z.float() * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).cpu()
+            video = rearrange(frames[..., :3], "b f h w c -> b c f h w").to(device=device, dtype=module_dtype(self.vae))
+            z = self.vae.encode(video * 2 - 1).latent_dist.mode()
+        return rearrange(z.float() * self.vae.config.scaling_factor, "b c t h w -> b t c h w").cpu()
 
     def __call__(self, prompt, negative_prompt: str = "", num_frames: int = 49, height: int = 480, width: int = 720,
                  steps: int = 50, guidance: float = 6.0, seed: int = 0, dynamic_cfg: bool = False,
