@@ -29,9 +29,12 @@ SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
 
 def check_video_size(num_frames: int, height: int, width: int) -> None:
-    """CogVideoX's VAE compresses 4 frames and 8x8 pixels, and the DiT patches 2x2 latents."""
-    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL:
-        raise ValueError(f"frames must be 4k+1 (1, 5, 9, ..., 49), got {num_frames}")
+    """CogVideoX's VAE compresses 4 frames and 8x8 pixels, and the DiT patches 2x2 latents. Its decoder reads
+    latent frames in pairs after the first, so only an odd latent count decodes to 4(T-1)+1 frames: an even
+    one gives 3 frames more (5 -> 8, 13 -> 16), hence 8k+1."""
+    if num_frames < 1 or (num_frames - 1) % (2 * VAE_TEMPORAL):
+        raise ValueError(f"frames must be 8k+1 (1, 9, 17, ..., 49, ..., 81), got {num_frames}: CogVideoX's VAE "
+                         f"decodes other counts to 3 frames more")
     for name, size in (("height", height), ("width", width)):
         if size <= 0 or size % 16:
             raise ValueError(f"{name} must be a positive multiple of 16, got {size}")

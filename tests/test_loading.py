@@ -37,7 +37,7 @@ from mimir.pipeline import MimirPipeline
 from mimir.testing import real_scheduler, tiny_components, tiny_llm, tiny_transformer, tiny_vae, word_tokenizer
 from mimir.text import encode_t5
 
-CALL = dict(num_frames=5, height=16, width=16, steps=2, guidance=6.0, seed=3, output_type="latent")
+CALL = dict(num_frames=9, height=16, width=16, steps=2, guidance=6.0, seed=3, output_type="latent")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
