@@ -77,6 +77,10 @@ TRANSFORMER_CONFIGS = {
     "1.5": _COGVIDEOX_15,
     "1.5-i2v": {**_COGVIDEOX_15, "in_channels": 32, "ofs_embed_dim": 512},
 }
+# What a variant is used at: (frames, height, width). The transformer's sample size is not it for 1.5
+# (300 x 300 latents = 2400 x 2400 px); the T2V 1.5 model is used at 1360 x 768 with 81 frames.
+DEFAULT_VIDEO_SIZES = {"2b": (49, 480, 720), "5b": (49, 480, 720), "5b-i2v": (49, 480, 720), "1.5": (81, 768, 1360),
+                       "1.5-i2v": (81, 768, 1360)}
 VAE_SCALING_FACTORS = {"2b": 1.15258426, "5b": 0.7, "5b-i2v": 0.7, "1.5": 0.7, "1.5-i2v": 0.7}
 # The CogVideoX VAE (all variants share its weights' shapes; only the scaling factor differs).
 VAE_CONFIG = dict(
@@ -643,11 +647,13 @@ def load_scheduler(path_or_kind, variant: str = "5b", kind: str | None = None):
 # ---- pipeline --------------------------------------------------------------------------------------------
 
 def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None = None, fuser_path=None,
-                  llm_path=None, trust_remote_code: bool = False, text_encoders: bool = True) -> MimirPipeline:
+                  llm_path=None, trust_remote_code: bool = False, text_encoders: bool = True,
+                  with_fuser: bool = True) -> MimirPipeline:
     """A MimirPipeline from a diffusers CogVideoX folder, plus llm/ and fuser.safetensors when present (or the
-    paths given). Without a fuser it is plain CogVideoX. Models wait on the placement's offload device (default:
-    `device`). text_encoders=False skips T5 and the LLM (for prompts already encoded, e.g. cached)."""
-    root, fuser_path, llm_folder = pipeline_paths(folder, fuser_path, llm_path)
+    paths given). Without a fuser it is plain CogVideoX; with_fuser=False reads neither the fuser nor the LLM of
+    a Mimir folder (T5 only). Models wait on the placement's offload device (default: `device`).
+    text_encoders=False skips T5 and the LLM (for prompts already encoded, e.g. cached)."""
+    root, fuser_path, llm_folder = pipeline_paths(folder, fuser_path, llm_path, with_fuser)
     placement = placement or Placement(device, device)
     where = placement.offload_device
     fuser = llm = llm_tokenizer = text_encoder = tokenizer = None
@@ -665,13 +671,17 @@ def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None 
                          placement)
 
 
-def pipeline_paths(folder, fuser_path=None, llm_path=None) -> tuple[Path, Path | None, Path | None]:
-    """-> (pipeline root, fuser file or None, LLM folder or None), checked without loading any weights."""
+def pipeline_paths(folder, fuser_path=None, llm_path=None,
+                   with_fuser: bool = True) -> tuple[Path, Path | None, Path | None]:
+    """-> (pipeline root, fuser file or None, LLM folder or None), checked without loading any weights.
+    with_fuser=False: the T5-only reading of the folder (no fuser, no LLM)."""
     root = _existing(folder)
     missing = [name for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
                if not (root / name).is_dir()]
     if missing:
         raise ValueError(f"{root}: not a CogVideoX pipeline folder: it lacks {', '.join(s + '/' for s in missing)}")
+    if not with_fuser:
+        return root, None, None
     fuser_path = _existing(fuser_path) if fuser_path is not None else root / FUSER_FILE
     fuser_path = fuser_path if fuser_path.exists() else None
     return root, fuser_path, _mimir_llm(root, fuser_path, llm_path)

@@ -62,7 +62,7 @@ class MimirSampler:
                 "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
                                    "tooltip": "Video height in pixels, a multiple of 16 (CogVideoX: 480)."}),
                 "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
-                                   "tooltip": "Number of frames, 4k+1 (CogVideoX: 49, CogVideoX 1.5: 81)."}),
+                                   "tooltip": "Number of frames, 8k+1 (CogVideoX: 49, CogVideoX 1.5: 81): the VAE decodes other counts to 3 frames more."}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
                 "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale; 1 or less skips the negative pass."}),
@@ -161,7 +161,7 @@ class MimirVAEEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": ("MIMIR_VAE", {"tooltip": "The CogVideoX VAE, from Mimir VAE Loader."}),
-            "images": ("IMAGE", {"tooltip": "Video frames [F, H, W, C] in 0..1: 4k+1 frames, sides multiples of 16."}),
+            "images": ("IMAGE", {"tooltip": "Video frames [F, H, W, C] in 0..1: 8k+1 frames, sides multiples of 16."}),
         }}
 
     RETURN_TYPES = ("LATENT",)

@@ -289,7 +289,7 @@ def test_bad_prompts_give_clear_errors(comfyui):
     entry = comfyui.wait(comfyui.queue(_tiny(json.loads(json.dumps(base)), frames=10)))
     error = comfyui.messages(entry)["execution_error"]
     print("frames=10:", error["node_type"], "->", error["exception_message"])
-    assert error["node_id"] == sampler and error["exception_message"].startswith("frames must be 4k+1")
+    assert error["node_id"] == sampler and error["exception_message"].startswith("frames must be 8k+1")
 
     for change, kind in [((sampler, "frames", 5000), "value_bigger_than_max"),
                          ((loader, "t5_name", "missing.safetensors"), "value_not_in_list")]:

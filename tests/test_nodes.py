@@ -412,7 +412,7 @@ def test_sampler_errors_name_the_input(nodes):
     clip_like = [[torch.zeros(1, 77, 768), {}]]
     bad_latent = {"samples": torch.zeros(1, 4, 8, 8)}
     cases = [
-        (dict(frames=10), "^frames must be 4k"),
+        (dict(frames=10), "^frames must be 8k"),
         (dict(width=40), "^width must be"),
         (dict(positive=clip_like), "^positive: .*768"),
         (dict(positive=pos + pos), "^positive: 2 conditioning entries"),
@@ -425,7 +425,7 @@ def test_sampler_errors_name_the_input(nodes):
             sample(nodes, m["model"], pos, neg, **overrides)
     with pytest.raises(ValueError, match="^samples: "):
         run(nodes, "MimirDecode", vae=m["vae"], samples=bad_latent, tiling=False)
-    with pytest.raises(ValueError, match="^images: frames must be 4k"):
+    with pytest.raises(ValueError, match="^images: frames must be 8k"):
         run(nodes, "MimirVAEEncode", vae=m["vae"], images=torch.rand(8, 32, 32, 3))
 
 

@@ -109,8 +109,8 @@ def test_decode_gives_frames_in_unit_range():
     torch.testing.assert_close(tiled, frames)
 
 
-@pytest.mark.parametrize("frames,h,w,msg", [(10, 32, 32, "4k\\+1"), (9, 30, 32, "height must be a positive multiple of 16"),
-                                            (9, 32, 40, "width must be"), (0, 32, 32, "4k\\+1")])
+@pytest.mark.parametrize("frames,h,w,msg", [(10, 32, 32, "8k\\+1"), (13, 32, 32, "8k\\+1"), (9, 30, 32, "height must be a positive multiple of 16"),
+                                            (9, 32, 40, "width must be"), (0, 32, 32, "8k\\+1")])
 def test_bad_video_sizes_are_refused(frames, h, w, msg):
     with pytest.raises(ValueError, match=msg):
         check_video_size(frames, h, w)

@@ -53,7 +53,7 @@ class Recipe:
 
     seed: int = 0
     clips: int = 2000  # training clips of the world (train split)
-    frames: int = 9  # 4k+1; 3 latent frames
+    frames: int = 9  # 8k+1; 3 latent frames
     size: int = 64  # square frames; 8 x 8 latents
     # VAE (AutoencoderKLCogVideoX, layers_per_block 1)
     vae_channels: tuple[int, ...] = (8, 16, 32, 32)

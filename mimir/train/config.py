@@ -34,7 +34,7 @@ class TrainConfig:
     # ---- data ------------------------------------------------------------------------------------------
     data: str | None = None  # folder of videos + same-name .txt captions, or a .csv / .jsonl of (video, caption)
     cache: str | None = None  # feature cache folder: written by `mimir cache`, read by `mimir train`
-    num_frames: int = 49  # 4k+1
+    num_frames: int = 49  # 8k+1
     height: int = 480  # multiple of 16
     width: int = 720  # multiple of 16
     frame_stride: int = 1  # read every n-th frame

@@ -1,7 +1,7 @@
 """Training data: (video, caption) lists, clip decoding, and the sample order shared by every process.
 
 A dataset is a folder of videos with same-name `.txt` captions, a `.csv` with `video` and `caption` columns, or
-a `.jsonl` of {"video": path, "caption": text}; relative paths are relative to the list file. A clip is F = 4k+1
+a `.jsonl` of {"video": path, "caption": text}; relative paths are relative to the list file. A clip is F = 8k+1
 frames from the start of the video, every `frame_stride`-th, resized and centre-cropped to height x width.
 
 A video that is missing, broken or too short is skipped with a warning and reported in the run summary; its
