@@ -37,6 +37,14 @@ def check_video_size(num_frames: int, height: int, width: int) -> None:
             raise ValueError(f"{name} must be a positive multiple of 16, got {size}")
 
 
+def check_steps(steps: int, strength: float = 1.0) -> None:
+    """Denoising steps and the strength of a video-to-video run, checked before any model runs."""
+    if isinstance(steps, bool) or steps != int(steps) or steps < 1:
+        raise ValueError(f"steps must be a whole number of at least 1, got {steps!r}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"denoise strength must be in (0, 1], got {strength}")
+
+
 def rotary_embeddings(cfg, height: int, width: int, latent_frames: int, device):
     """CogVideoX 5B / 1.5 rotary embeddings for a video (None for sin-cos 2B); shared by sampling and training."""
     if not cfg.use_rotary_positional_embeddings:
@@ -135,7 +143,8 @@ class MimirPipeline:
     def _timesteps(self, steps: int, strength: float, device):
         self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
-        start = steps - min(int(round(steps * strength)), steps)
+        # at least one step: round(steps x strength) is 0 for e.g. 50 steps at strength 0.01
+        start = steps - max(1, min(int(round(steps * strength)), steps))
         return timesteps[start * self.scheduler.order:]
 
     @torch.no_grad()
@@ -146,8 +155,7 @@ class MimirPipeline:
         """Text streams -> latents [B, T, C, H/8, W/8]. `latents` (diffusion space) with `strength` < 1
         starts part-way from a noised version of them instead of pure noise."""
         check_video_size(num_frames, height, width)
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"denoise strength must be in (0, 1], got {strength}")
+        check_steps(steps, strength)
         cfg = self.transformer.config
         use_cfg = guidance > 1.0 and uncond is not None
         with self.placement.stage(self.transformer) as device:
@@ -231,6 +239,7 @@ class MimirPipeline:
                  callback: StepCallback | None = None, tiling: bool = False, slicing: bool = False,
                  output_type: str = "frames") -> torch.Tensor:
         check_video_size(num_frames, height, width)
+        check_steps(steps)
         cond, uncond = self.encode_prompt(prompt, negative_prompt if guidance > 1.0 else None, seed=seed)
         latents = self.denoise(cond, uncond, num_frames, height, width, steps, guidance, seed, dynamic_cfg,
                                callback=callback)

@@ -150,3 +150,27 @@ def test_sincos_transformer_takes_a_stream_of_another_length():
     ours = pipe.denoise(t5[:1], t5[1:], 9, 32, 32, steps=2)
     assert torch.equal(ours, expected)
     assert c["transformer"].config.max_text_seq_length == 16
+
+
+def test_steps_are_checked_before_any_model_runs():
+    pipe = MimirPipeline(**tiny_components(variant="5b"))
+    cond, uncond = pipe.encode_prompt(PROMPT)
+    for steps in (0, -3):
+        with pytest.raises(ValueError, match=f"^steps must be a whole number of at least 1, got {steps}"):
+            pipe.denoise(cond, uncond, 9, 32, 32, steps=steps)
+    pipe.text_encoder = None  # encoding would now fail otherwise: the check comes first
+    with pytest.raises(ValueError, match="^steps must be"):
+        pipe(PROMPT, num_frames=9, height=32, width=32, steps=0)
+
+
+def test_a_strength_that_rounds_to_no_step_runs_one():
+    """50 steps at strength 0.01 used to give no timestep at all (round(0.5) == 0) and a tensor-size error."""
+    pipe = MimirPipeline(**tiny_components(variant="5b"))
+    cond, uncond = pipe.encode_prompt(PROMPT)
+    start = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+    out = pipe.denoise(cond, uncond, 9, 32, 32, steps=50, latents=start, strength=0.01,
+                       callback=lambda i, n, x: seen.append((i, n)))
+    assert seen == [(1, 1)]
+    assert torch.equal(out, pipe.denoise(cond, uncond, 9, 32, 32, steps=50, latents=start, strength=0.02))
+
