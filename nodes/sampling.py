@@ -47,6 +47,24 @@ def _init_latents(latent, model, frames: int, height: int, width: int) -> torch.
     return samples.float().permute(0, 2, 1, 3, 4) * model.info.vae_scaling_factor
 
 
+def _queue_time_video_check(node, frames, height, width) -> bool | str:
+    """VALIDATE_INPUTS for the frames / height / width widgets: True, or what is wrong. ComfyUI passes only the
+    inputs VALIDATE_INPUTS names, a linked one as None (its value exists only at run time, where the node checks
+    it), and skips its own min/max check for them, so that is done here too."""
+    spec = node.INPUT_TYPES()["required"]
+    given = {"frames": frames, "height": height, "width": width}
+    for name, value in given.items():
+        low, high = spec[name][1]["min"], spec[name][1]["max"]
+        if value is not None and not low <= value <= high:
+            return f"{name} must be in {low}..{high}, got {value}"
+    known = {name: spec[name][1]["default"] if value is None else value for name, value in given.items()}
+    try:  # an unknown value stands in as the widget's default, which is valid
+        check_video_size(known["frames"], known["height"], known["width"])
+    except ValueError as exc:
+        return str(exc)
+    return True
+
+
 class MimirSampler:
     @classmethod
     def INPUT_TYPES(cls):
@@ -83,6 +101,11 @@ class MimirSampler:
                                                  "Mimir VAE Encode; its size must match width, height and frames."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        """ComfyUI calls this when a graph is queued and refuses the graph with a 400 when it returns a message."""
+        return _queue_time_video_check(cls, frames=frames, height=height, width=width)
 
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("Video latents [B, C, T, H/8, W/8] in VAE space, for Mimir Decode.",)

@@ -5,6 +5,7 @@ loading, type conversions (CONDITIONING, LATENT order and scaling, IMAGE) and no
 """
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -403,7 +404,40 @@ def test_fp8_storage_and_block_swap(nodes, pack):
     assert torch.equal(sample(nodes, swapped, pos, neg)["samples"], reference)
 
 
+def test_a_denoise_that_rounds_to_no_step_runs_one(nodes, tiny):
+    """steps 50 x denoise 0.01 rounds to 0 steps, which crashed with a tensor-size error."""
+    _, c, _ = tiny
+    m = load_all(nodes)
+    latent = run(nodes, "MimirVAEEncode", vae=m["vae"], images=torch.rand(9, 32, 32, 3))[0]
+    pos, neg = encode(nodes, m)[0], encode(nodes, m, prompt="")[0]
+    out = sample(nodes, m["model"], pos, neg, latent=latent, steps=50, denoise=0.01)
+    pipe = MimirPipeline(**c)
+    cond, uncond = pipe.encode_prompt(PROMPT, "")
+    one_step = pipe.denoise(cond, uncond, 9, 32, 32, steps=50, guidance=6.0, seed=3, latents=to_diffusion(latent),
+                            strength=0.02)  # round(50 x 0.02) == 1
+    assert (to_diffusion(out) - one_step).abs().max() <= 1e-5
+
+
 # ---- errors name the input at fault ---------------------------------------------------------------------------
+
+def test_bad_video_sizes_are_refused_when_the_graph_is_queued(nodes, monkeypatch):
+    """ComfyUI calls VALIDATE_INPUTS at queue time with only the inputs it names, linked ones as None, and skips
+    its own min/max check for those: a bad size is refused before any loader runs."""
+    validate = nodes["MimirSampler"].VALIDATE_INPUTS
+    assert inspect.getfullargspec(validate).args == ["cls", "width", "height", "frames"]
+    assert validate(width=720, height=480, frames=49) is True and validate() is True  # all linked: run time
+    assert validate(width=32, height=32, frames=12).startswith("frames must be") and "got 12" in validate(frames=12)
+    assert validate(width=40, height=None, frames=None).startswith("width must be a positive multiple of 16")
+    assert validate(height=30).startswith("height must be")
+    assert validate(frames=5000) == "frames must be in 1..1025, got 5000"
+    assert validate(width=0) == "width must be in 16..4096, got 0"
+
+    def rule(frames, height, width):
+        raise ValueError(f"rule got {frames} {height} {width}")
+
+    monkeypatch.setattr(f"{nodes['MimirSampler'].__module__}.check_video_size", rule)  # the library's, not a copy
+    assert validate(height=32) == "rule got 49 32 720"  # unknown values stand in as the widgets' valid defaults
+
 
 def test_sampler_errors_name_the_input(nodes):
     m = load_all(nodes)
