@@ -1,0 +1,176 @@
+"""Training never loses work (issue 14): resume points, kills before the export, a failed resume, a full disk.
+Kills are real SIGKILLs of a child process at a chosen call (mimir.testing.kill_at), and every resume is compared
+with an uninterrupted run."""
+
+import json
+import logging
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimir.testing import run_killed, tiny_train_components
+from mimir.train import TrainConfig, build_cache, load_config, main_train, train
+from mimir.train.checkpoint import STATE, WEIGHTS, list_checkpoints, prune
+from mimir.train.metrics import read_metrics
+from mimir.train.storage import RunFailed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KILLED = -signal.SIGKILL
+# the reference run: 6 steps from a cache, checkpoints at 2, 4, 6, EMA and accumulation (what a resume must restore)
+RUN = dict(batch_size=2, grad_accum=2, max_steps=6, lr=1e-3, lr_schedule="cosine", warmup_steps=2, text_dropout=0.5,
+           ema_decay=0.9, weight_decay=0.0, checkpoint_every=2, keep_checkpoints=10, export=True)
+# what torch raises when its zip writer hits a full disk (measured on a full 200 KiB tmpfs)
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+
+
+@pytest.fixture(scope="module")
+def cache(world_clips, tiny_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train_faults") / "cache"
+    build_cache(TrainConfig(data=str(world_clips(4)), cache=str(folder), **tiny_run), tiny_train_components(),
+                progress=False)
+    return folder
+
+
+@pytest.fixture
+def values(cache, tiny_run):
+    """values(run_dir, **changes) -> TrainConfig fields of the reference run, in `run_dir`."""
+    return lambda run, **changes: {**tiny_run, **RUN, "cache": str(cache), "output_dir": str(run), **changes}
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tiny_run, tmp_path_factory):
+    """The uninterrupted reference run's folder, on one thread like the tests (one_thread) and the killed
+    children: the float results depend on the thread count."""
+    run, threads = tmp_path_factory.mktemp("reference") / "run", torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(TrainConfig(**{**tiny_run, **RUN, "cache": str(cache), "output_dir": str(run)}), tiny_train_components(),
+          progress=False)
+    torch.set_num_threads(threads)
+    return run
+
+
+def weights(run, step: int) -> dict:
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / WEIGHTS))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a and a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def resume(values, run, **changes) -> dict:
+    return train(TrainConfig(**values(run, resume="latest", **changes)), tiny_train_components(), progress=False)
+
+
+# ---- 1. resuming an older checkpoint ----------------------------------------------------------------------
+
+def test_resuming_an_older_checkpoint_is_refused_in_place_and_branches_elsewhere(values, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    config_before = (run / "config.yaml").read_bytes()
+    older = run / "checkpoints" / "step-00000002"
+    with pytest.raises(ValueError, match=r"holds the newer checkpoints \['step-00000004', 'step-00000006'\]"):
+        train(TrainConfig(**values(run, resume=str(older), keep_checkpoints=1)), tiny_train_components(),
+              progress=False)
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert (run / "config.yaml").read_bytes() == config_before
+    # the same resume into another folder is a branch: killed after its step 5, resumed, it ends where the
+    # uninterrupted run ended, and the original run is left whole
+    branch = tmp_path / "branch"
+    ended = run_killed("train", values(branch, resume=str(older), keep_checkpoints=1), "mimir.train.loop:optimizer_step",
+                       call=3)
+    assert ended.returncode == KILLED, ended.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(branch)] == ["step-00000004"]
+    summary = resume(values, branch, keep_checkpoints=1)
+    assert summary["start_step"] == 4 and [p.name for p in list_checkpoints(branch)] == ["step-00000006"]
+    diff = max_difference(weights(branch, 6), weights(reference, 6))
+    print(f"branch from step 2, killed at step 5, resumed: max |weight difference| at step 6 = {diff:g}")
+    assert diff <= 1e-6
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert max_difference(weights(run, 2), weights(reference, 2)) == 0
+
+
+def test_checkpoints_are_ordered_and_pruned_by_step(tmp_path):
+    """Names sort like steps only up to 8 digits: step 100,000,000 is newer than step 99,999,999."""
+    for name in ("step-99999999", "step-100000000", "step-00000005"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / STATE).write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005", "step-99999999", "step-100000000"]
+    prune(tmp_path, 1)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-100000000"]
+
+
+# ---- 2. a kill between the last checkpoint and the export -------------------------------------------------
+
+def test_kill_before_export_then_resume_completes_the_export_and_summary(values, reference, tmp_path):
+    run = tmp_path / "run"
+    ended = run_killed("train", values(run), "mimir.train.loop:export", when="before")
+    assert ended.returncode == KILLED, ended.stderr[-2000:]
+    assert list_checkpoints(run)[-1].name == "step-00000006" and not (run / "export").exists()
+    summary = resume(values, run)
+    assert summary["start_step"] == 6 and set(summary["export"]) == {"fuser", "transformer", "pipeline"}
+    for name in ("fuser.safetensors", "transformer.safetensors"):
+        assert max_difference(load_file(str(run / "export" / name)), load_file(str(reference / "export" / name))) == 0
+    logged = [[int(r["step"]), r["loss"]] for r in read_metrics(run / "metrics.csv")]
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run / "summary.json").read_text())["losses"] == logged
+    # resumed again with nothing missing: the export stays as written, the summary keeps the run's losses
+    stamp = (run / "export" / "fuser.safetensors").stat().st_mtime_ns
+    again = resume(values, run)
+    assert (run / "export" / "fuser.safetensors").stat().st_mtime_ns == stamp
+    assert again["export"] == summary["export"] and again["final_loss"] == logged[-1][1]
+    assert json.loads((run / "summary.json").read_text())["losses"] == logged
+
+
+def test_resume_past_max_steps_is_refused(values, reference):
+    with pytest.raises(ValueError, match="at step 6, past max_steps=4"):
+        train(TrainConfig(**values(reference, resume="latest", max_steps=4)), tiny_train_components(), progress=False)
+
+
+# ---- 3. a failed resume, a resume without checkpoint ------------------------------------------------------
+
+def test_failed_resume_keeps_config_yaml_and_resume_without_checkpoint_warns(values, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(TrainConfig(**values(run, max_steps=2, export=False)), tiny_train_components(), progress=False)
+    before = (run / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match="does not hold this run's trained weights"):  # fails after loading
+        resume(values, run, max_steps=4, dit="lora", lora_rank=4)
+    assert (run / "config.yaml").read_bytes() == before
+    assert load_config(run / "config.yaml").dit == "full"
+    with caplog.at_level(logging.WARNING):
+        summary = resume(values, tmp_path / "empty", max_steps=1, export=False)
+    assert summary["start_step"] == 0
+    assert f"{tmp_path / 'empty'} holds no complete checkpoint; starting a new run at step 0" in caplog.text
+
+
+# ---- 7. a full disk ----------------------------------------------------------------------------------------
+
+def test_full_disk_is_reported_and_loses_no_checkpoint(values, reference, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "step-00000004" in str(f):
+            raise RuntimeError(TORCH_FULL_DISK)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(RunFailed) as error:
+        train(TrainConfig(**values(run)), tiny_train_components(), progress=False)
+    message = str(error.value)
+    assert f"writing the checkpoint {run / 'checkpoints' / 'step-00000004'} failed: RuntimeError: " in message
+    assert "inline_container.cc" in message and "GiB free" in message
+    assert f"No checkpoint was lost: the newest is {run / 'checkpoints' / 'step-00000002'}" in message
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]  # the partial one removed
+    assert main_train([f"output_dir={tmp_path / 'cli'}", "model=tiny", "device=cpu", f"cache={values(run)['cache']}",
+                       "num_frames=9", "height=16", "width=16", "max_steps=4", "checkpoint_every=4",
+                       "tensorboard=false", "num_workers=0"]) == 1
+    assert "mimir train: stopped: writing the checkpoint" in capsys.readouterr().err
+    monkeypatch.setattr(torch, "save", real_save)
+    resume(values, run)
+    assert max_difference(weights(run, 6), weights(reference, 6)) <= 1e-6
+
+
