@@ -1,9 +1,11 @@
-"""Training never loses work (issue 14): resume points, kills before the export, a failed resume, a full disk.
-Kills are real SIGKILLs of a child process at a chosen call (mimir.testing.kill_at), and every resume is compared
-with an uninterrupted run."""
+"""Training never loses work and never trains on garbage (issue 14): resume points, kills before the export, a
+failed resume, non-finite values, a full disk. Kills are real SIGKILLs of a child process at a chosen call
+(mimir.testing.kill_at), and every resume is compared with an uninterrupted run."""
 
+import itertools
 import json
 import logging
+import math
 import shutil
 import signal
 
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 
 from mimir.testing import run_killed, tiny_train_components
 from mimir.train import TrainConfig, build_cache, load_config, main_train, train
+from mimir.train import loop as train_loop
 from mimir.train.checkpoint import STATE, WEIGHTS, list_checkpoints, prune
 from mimir.train.metrics import read_metrics
 from mimir.train.storage import RunFailed
@@ -144,6 +147,63 @@ def test_failed_resume_keeps_config_yaml_and_resume_without_checkpoint_warns(val
         summary = resume(values, tmp_path / "empty", max_steps=1, export=False)
     assert summary["start_step"] == 0
     assert f"{tmp_path / 'empty'} holds no complete checkpoint; starting a new run at step 0" in caplog.text
+
+
+# ---- 4. non-finite values -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, value", [("lr", "nan"), ("lr", "inf"), ("fuser_lr", "nan"), ("weight_decay", "nan"),
+                                         ("lora_alpha", "-inf"), ("max_grad_norm", "nan"), ("ema_decay", "nan")])
+def test_non_finite_config_values_are_refused(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number, got {value}"):
+        load_config(None, {name: value})
+
+
+def poison_loss(monkeypatch, call: int, poison) -> None:
+    """Replace the loss of the `call`-th micro-batch by poison(loss)."""
+    original, calls = train_loop.diffusion_loss, itertools.count(1)
+
+    def loss(*args, **kwargs):
+        value = original(*args, **kwargs)
+        return poison(value) if next(calls) == call else value
+
+    monkeypatch.setattr(train_loop, "diffusion_loss", loss)
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss whose gradient norm is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(values, reference, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    poison_loss(monkeypatch, 9, lambda loss: loss * float("nan"))  # micro-batch 9 of 2 per step: step 5
+    with pytest.raises(RunFailed, match=r"step 5: loss nan.*stopped \(nonfinite=stop\).*step-00000004"):
+        train(TrainConfig(**values(run)), tiny_train_components(), progress=False)
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+    assert max_difference(weights(run, 4), weights(reference, 4)) == 0
+    assert not (run / "export").exists() and not (run / "summary.json").exists()
+    rows = read_metrics(run / "metrics.csv")
+    assert rows[-1]["step"] == 5 and math.isnan(rows[-1]["loss"])  # the bad step is in the record
+
+
+def test_non_finite_gradient_step_is_skipped_and_counted(values, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    poison_loss(monkeypatch, 6, InfiniteGradient.apply)  # step 3's second micro-batch
+    summary = train(TrainConfig(**values(run, max_steps=4, checkpoint_every=1, nonfinite="skip", export=False)),
+                    tiny_train_components(), progress=False)
+    assert summary["skipped_steps"] == [3] and [s for s, _ in summary["losses"]] == [1, 2, 4]
+    assert not math.isfinite(read_metrics(run / "metrics.csv")[2]["grad_norm"])
+    assert max_difference(weights(run, 3), weights(run, 2)) == 0  # step 3 left the weights as they were
+    assert max_difference(weights(run, 4), weights(run, 3)) > 0
+    assert all(torch.isfinite(t).all() for t in weights(run, 4).values())
+    assert json.loads((list_checkpoints(run)[-1] / "state.json").read_text())["skipped_steps"] == [3]
 
 
 # ---- 7. a full disk ----------------------------------------------------------------------------------------

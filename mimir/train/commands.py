@@ -5,7 +5,7 @@
 
 Both read a TrainConfig (YAML or JSON; every field can be overridden as key=value). Exit codes: 0 done, 2 refused
 before any work (a bad config, missing inputs, a resume that would lose work), 1 stopped during the work with a
-message saying what was kept (a failed write such as a full disk). Multi-process runs start
+message saying what was kept (a failed write such as a full disk, a non-finite loss). Multi-process runs start
 the same commands under `accelerate launch` (e.g. `accelerate launch -m mimir.train --config FILE`).
 """
 

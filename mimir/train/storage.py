@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 
 class RunFailed(RuntimeError):
-    """A run stopped for a reason its user must act on (a failed write): the message says
+    """A run stopped for a reason its user must act on (a failed write, a non-finite loss): the message says
     what happened, where, and what was kept. `mimir train` and `mimir cache` print it and exit with code 1."""
 
 
