@@ -1,6 +1,6 @@
-"""Training never loses work and never trains on garbage (issue 14): resume points, kills before the export, a
-failed resume, non-finite values, a full disk. Kills are real SIGKILLs of a child process at a chosen call
-(mimir.testing.kill_at), and every resume is compared with an uninterrupted run."""
+"""Training never loses work and never trains on garbage (issue 14): resume points, kills before the export,
+non-finite values, changed or damaged caches, a full disk. Kills are real SIGKILLs of a child process at a chosen
+call (mimir.testing.kill_at), and every resume is compared with an uninterrupted run."""
 
 import itertools
 import json
@@ -11,11 +11,15 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from mimir.loading import save_pipeline
+from mimir.pipeline import MimirPipeline
 from mimir.testing import run_killed, tiny_train_components
 from mimir.train import TrainConfig, build_cache, load_config, main_train, train
 from mimir.train import loop as train_loop
+from mimir.train.cache import CachedDataset, shard_name
 from mimir.train.checkpoint import STATE, WEIGHTS, list_checkpoints, prune
 from mimir.train.metrics import read_metrics
 from mimir.train.storage import RunFailed
@@ -206,6 +210,75 @@ def test_non_finite_gradient_step_is_skipped_and_counted(values, tmp_path, monke
     assert json.loads((list_checkpoints(run)[-1] / "state.json").read_text())["skipped_steps"] == [3]
 
 
+# ---- 5. a cache resumed with another clip list or other encoder files ---------------------------------------
+
+def test_resumed_cache_refuses_a_changed_clip_list(world_clips, tiny_run, tmp_path):
+    data, folder = tmp_path / "clips", tmp_path / "cache"
+    shutil.copytree(world_clips(5), data)
+    config = dict(tiny_run, data=str(data), cache=str(folder), cache_shard_size=2)
+    ended = run_killed("cache", config, "mimir.train.cache:save_file", call=2)  # shard 1 written, not renamed
+    assert ended.returncode == KILLED, ended.stderr[-2000:]
+    assert [p.name for p in folder.glob("shard-*.safetensors")] == [shard_name(0)]
+    shutil.copy(data / "clip000.mp4", data / "clip005.mp4")
+    (data / "clip005.txt").write_text("a new clip")
+    (data / "clip001.mp4").unlink()
+    (data / "clip002.txt").write_text("another caption")
+    with pytest.raises(ValueError, match=r"the clip list \(video: caption\): 1 added \(.*clip005.mp4\), "
+                                         r"1 removed \(.*clip001.mp4\), 1 changed \(.*clip002.mp4\)"):
+        build_cache(TrainConfig(**config), tiny_train_components(), progress=False)
+    assert [p.name for p in folder.glob("shard-*.safetensors")] == [shard_name(0)]
+    shutil.rmtree(data)
+    shutil.copytree(world_clips(5), data)  # the clip list it was started from: the resume finishes the cache
+    build_cache(TrainConfig(**config), tiny_train_components(), progress=False)
+    whole = tmp_path / "whole"
+    build_cache(TrainConfig(**{**config, "cache": str(whole)}), tiny_train_components(), progress=False)
+    resumed, uninterrupted = CachedDataset(folder), CachedDataset(whole)
+    assert len(resumed) == 5
+    for i in range(5):
+        assert torch.equal(resumed[(i, 0)]["latent_params"], uninterrupted[(i, 0)]["latent_params"])
+
+
+def test_resumed_cache_refuses_changed_encoder_files(world_clips, tiny_run, tmp_path):
+    model = tmp_path / "model"
+    save_pipeline(MimirPipeline(**tiny_train_components()), model)
+    config = TrainConfig(**{**tiny_run, "model": str(model)}, data=str(world_clips(4)), cache=str(tmp_path / "cache"))
+    build_cache(config, progress=False)
+    vae = model / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(vae))
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1.0  # another VAE, the same size
+    save_file(tensors, str(vae), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"the encoder files: 1 changed \(model/vae/diffusion_pytorch_model"):
+        build_cache(config, progress=False)
+
+
+# ---- 6. damaged shards ------------------------------------------------------------------------------------
+
+def test_damaged_shards_are_named_in_training_and_rebuilt_by_a_rerun(world_clips, tiny_run, tmp_path, caplog):
+    folder = tmp_path / "cache"
+    config = TrainConfig(**tiny_run, data=str(world_clips(5)), cache=str(folder), cache_shard_size=2,
+                         output_dir=str(tmp_path / "run"), max_steps=1)
+    build_cache(config, tiny_train_components(), progress=False)
+    before = CachedDataset(folder)
+    originals = [before[(i, 0)]["latent_params"].clone() for i in range(5)]  # not views of the files changed below
+    shard = [folder / shard_name(k) for k in range(3)]
+    data = shard[1].read_bytes()
+    shard[1].write_bytes(data[:len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=f"the cache shard {shard[1]} is damaged"):
+        train(config, tiny_train_components(), progress=False)
+    shutil.copy(shard[0], shard[2])  # whole, but another shard's clips
+    with caplog.at_level(logging.WARNING):
+        build_cache(config, tiny_train_components(), progress=False)
+    assert f"rebuilding the cache shard {shard[1]}: unreadable" in caplog.text
+    assert f"rebuilding the cache shard {shard[2]}: it holds other clips" in caplog.text
+    assert f"rebuilding the cache shard {shard[0]}" not in caplog.text
+    after = CachedDataset(folder)
+    assert all(torch.equal(after[(i, 0)]["latent_params"], originals[i]) for i in range(5))
+    shard[2].unlink()
+    with pytest.raises(ValueError, match=r"incomplete: 1 of 3 shards missing \(shard-00002.safetensors\)"):
+        train(config, tiny_train_components(), progress=False)
+
+
 # ---- 7. a full disk ----------------------------------------------------------------------------------------
 
 def test_full_disk_is_reported_and_loses_no_checkpoint(values, reference, tmp_path, monkeypatch, capsys):
@@ -234,3 +307,19 @@ def test_full_disk_is_reported_and_loses_no_checkpoint(values, reference, tmp_pa
     assert max_difference(weights(run, 6), weights(reference, 6)) <= 1e-6
 
 
+def test_full_disk_in_a_cache_shard_is_reported(world_clips, tiny_run, tmp_path, monkeypatch):
+    from mimir.train import cache as train_cache
+
+    folder, real_save = tmp_path / "cache", train_cache.save_file
+
+    def save(tensors, path, metadata=None):
+        if shard_name(1) in path:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train_cache, "save_file", save)
+    config = TrainConfig(**tiny_run, data=str(world_clips(5)), cache=str(folder), cache_shard_size=2)
+    with pytest.raises(RunFailed, match=f"writing the cache file {folder / shard_name(1)} failed: SafetensorError: "
+                                        r".*os error 28.*The shards written before it are whole"):
+        build_cache(config, tiny_train_components(), progress=False)
+    assert sorted(p.name for p in folder.glob("shard-*")) == [shard_name(0)]  # no partial .tmp left
