@@ -1,6 +1,6 @@
 """Training never loses work and never trains on garbage (issue 14): resume points, kills before the export,
-non-finite values, changed or damaged caches, a full disk. Kills are real SIGKILLs of a child process at a chosen
-call (mimir.testing.kill_at), and every resume is compared with an uninterrupted run."""
+non-finite values, changed or damaged caches, undecodable captions, a full disk. Kills are real SIGKILLs of a
+child process at a chosen call (mimir.testing.kill_at), and every resume is compared with an uninterrupted run."""
 
 import itertools
 import json
@@ -21,6 +21,7 @@ from mimir.train import TrainConfig, build_cache, load_config, main_train, train
 from mimir.train import loop as train_loop
 from mimir.train.cache import CachedDataset, shard_name
 from mimir.train.checkpoint import STATE, WEIGHTS, list_checkpoints, prune
+from mimir.train.data import read_clips
 from mimir.train.metrics import read_metrics
 from mimir.train.storage import RunFailed
 
@@ -279,7 +280,30 @@ def test_damaged_shards_are_named_in_training_and_rebuilt_by_a_rerun(world_clips
         train(config, tiny_train_components(), progress=False)
 
 
-# ---- 7. a full disk ----------------------------------------------------------------------------------------
+# ---- 7. captions that are not UTF-8 or empty; a full disk -------------------------------------------------
+
+def test_undecodable_captions_are_skipped_and_named_empty_ones_warned(world_clips, tiny_run, tmp_path, caplog):
+    data = tmp_path / "clips"
+    shutil.copytree(world_clips(4), data)
+    (data / "clip001.txt").write_bytes(b"a caf\xe9 square")  # Latin-1
+    (data / "clip002.txt").write_text("  \n")
+    with caplog.at_level(logging.WARNING):
+        clips, skipped = read_clips(data)
+    assert [c.video.name for c in clips] == ["clip000.mp4", "clip002.mp4", "clip003.mp4"]
+    assert list(skipped) == [str(data / "clip001.mp4")]
+    assert f"caption file {data / 'clip001.txt'} is not UTF-8 text" in skipped[str(data / "clip001.mp4")]
+    assert f"1 clip(s) have an empty caption and train as unconditional samples: {data / 'clip002.mp4'}" in caplog.text
+    summary = train(TrainConfig(**tiny_run, data=str(data), output_dir=str(tmp_path / "run"), max_steps=1),
+                    tiny_train_components(), progress=False)
+    assert summary["skipped_videos"] == 1 and str(data / "clip001.mp4") in summary["skipped"]
+    (tmp_path / "list.csv").write_bytes(b"video,caption\nclips/clip000.mp4,a red square\nclips/clip003.mp4,caf\xe9\n")
+    csv_clips, csv_skipped = read_clips(tmp_path / "list.csv")
+    assert [c.caption for c in csv_clips] == ["a red square"] and list(csv_skipped) == [f"{tmp_path / 'list.csv'}:3"]
+    (tmp_path / "list.jsonl").write_bytes(b'{"video": "clips/clip000.mp4", "caption": "caf\xe9"}\n'
+                                          b'{"video": "clips/clip003.mp4", "caption": "blue"}\n')
+    jsonl_clips, jsonl_skipped = read_clips(tmp_path / "list.jsonl")
+    assert [c.caption for c in jsonl_clips] == ["blue"] and list(jsonl_skipped) == [f"{tmp_path / 'list.jsonl'}:1"]
+
 
 def test_full_disk_is_reported_and_loses_no_checkpoint(values, reference, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
