@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 1e-4  # on matrices only, not on biases, scales or norms
     optimizer: str = "auto"  # auto (8-bit AdamW when bitsandbytes and CUDA are there) | adamw | adamw8bit
     max_grad_norm: float = 1.0  # 0 disables clipping
+    nonfinite: str = "stop"  # a step whose loss or gradient norm is nan/inf: stop (saving nothing of it) | skip
     warmup_steps: int = 100
     lr_schedule: str = "constant"  # constant | cosine (to zero at max_steps), both after a linear warm-up
     mixed_precision: str = "no"  # no | bf16 | fp16; frozen weights are stored in this dtype too
@@ -76,12 +78,14 @@ class TrainConfig:
     export: bool = True  # write fuser + DiT (single file and diffusers folder) at the end
 
     def __post_init__(self):
+        _check_finite(self)
         check_video_size(self.num_frames, self.height, self.width)
         _choose("dit", self.dit, ("full", "lora", "frozen"))
         _choose("optimizer", self.optimizer, ("auto", "adamw", "adamw8bit"))
         _choose("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choose("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choose("device", self.device, ("auto", "cpu", "cuda"))
+        _choose("nonfinite", self.nonfinite, ("stop", "skip"))
         for name in ("max_steps", "batch_size", "grad_accum", "frame_stride", "keep_checkpoints", "lora_rank",
                      "cache_shard_size", "validation_steps", "validation_fps", "log_every"):
             _at_least(name, getattr(self, name), 1)
@@ -115,6 +119,14 @@ class TrainConfig:
 def _choose(name: str, value, options: tuple) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+
+
+def _check_finite(config: TrainConfig) -> None:
+    """nan passes every comparison test (nan <= 0 is False): refuse nan and inf in any float field first."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 def _at_least(name: str, value, low) -> None:
