@@ -61,6 +61,8 @@ class FuserConfig:
     @classmethod
     def from_json(cls, text: str) -> FuserConfig:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"the fuser config must be a JSON object, not {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -144,7 +146,10 @@ def read_fuser_config(path) -> FuserConfig:
         raise ValueError(f"{path}: not a readable .safetensors file ({exc})") from exc
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise ValueError(f"{path}: not a Mimir token-fuser file (its safetensors metadata has no fuser config)")
-    return FuserConfig.from_json(metadata["config"])
+    try:
+        return FuserConfig.from_json(metadata["config"])
+    except (ValueError, TypeError) as exc:  # invalid JSON (with its line and column), unknown or invalid fields
+        raise ValueError(f"{path}: the fuser config in its metadata is not valid: {exc}") from exc
 
 
 def load_fuser(path, device="cpu", dtype: torch.dtype = torch.float32) -> TokenFuser:

@@ -129,6 +129,32 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# ---- reading files ---------------------------------------------------------------------------------------
+
+_JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def parse_json_object(text: str, where) -> dict:
+    """A JSON object ({...}) from text, else a ValueError naming `where` and the fault (line and column)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object ({{...}}), found {_JSON_TYPES.get(type(data), 'JSON')}")
+    return data
+
+
+def read_json(file: Path) -> dict:
+    """A config file's JSON object; every fault (not UTF-8, invalid JSON, not an object) names the file."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return parse_json_object(text, file)
+
+
 # ---- safetensors weights ---------------------------------------------------------------------------------
 
 @dataclass
@@ -213,7 +239,9 @@ def _weight_files(folder: Path) -> list[Path]:
     """The safetensors file of a diffusers/transformers component folder, or the shards its index names."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        weight_map = read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{indexes[0]}: no weight_map (tensor name -> shard file) in this index")
         return [folder / name for name in sorted(set(weight_map.values()))]
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
@@ -324,13 +352,11 @@ def _expect_kind(weights: _Weights, path: Path, kind: str) -> None:
 
 
 def _metadata_config(weights: _Weights, path: Path) -> dict | None:
+    """The config a file written by save_single_file carries in its safetensors metadata (None without)."""
     text = weights.metadata.get("config")
     if text is None:
         return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: the 'config' in its safetensors metadata is not valid JSON ({exc})") from exc
+    return parse_json_object(text, f"{path} (the config in its safetensors metadata)")
 
 
 def _component_folder(path: Path, subfolder: str, accepts, what: str, config_name: str = "config.json"):
@@ -338,7 +364,7 @@ def _component_folder(path: Path, subfolder: str, accepts, what: str, config_nam
     for folder in (path / subfolder, path):
         file = folder / config_name
         if file.is_file():
-            config = json.loads(file.read_text())
+            config = read_json(file)
             if accepts(config):
                 return folder, config
     raise ValueError(f"{path}: not a {what}: expected a .safetensors file, a diffusers pipeline folder with "
@@ -396,7 +422,7 @@ def _find_transformer(path: Path):
     config = _full_config(CogVideoXTransformer3DModel, config)
     vae_config = folder.parent / "vae" / "config.json"
     if folder.name == "transformer" and vae_config.is_file():
-        scaling = _full_config(AutoencoderKLCogVideoX, json.loads(vae_config.read_text()))["scaling_factor"]
+        scaling = _full_config(AutoencoderKLCogVideoX, read_json(vae_config))["scaling_factor"]
     else:
         scaling = VAE_SCALING_FACTORS.get(match_variant(config))
     return "diffusers-folder", folder, config, _Weights.read(_weight_files(folder)), scaling
@@ -574,7 +600,7 @@ def _find_llm(path: Path) -> tuple[Path, dict]:
     for folder in (path / "llm", path):
         if (folder / "config.json").is_file():
             _weight_files(folder)  # refuses pickle-only folders before transformers looks at them
-            return folder, json.loads((folder / "config.json").read_text())
+            return folder, read_json(folder / "config.json")
     raise ValueError(f"{path}: not an LLM folder: expected a transformers folder with config.json (or a Mimir "
                      f"pipeline folder with llm/)")
 
@@ -758,7 +784,7 @@ def inspect(path) -> dict:
         return _inspect_pipeline(path)
     if (path / "scheduler_config.json").is_file():
         return _describe_scheduler(path)
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     if config.get("_class_name") == "CogVideoXTransformer3DModel":
         return _describe_transformer(path)
     if config.get("_class_name") == "AutoencoderKLCogVideoX":

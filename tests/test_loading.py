@@ -3,6 +3,8 @@ detection on the published CogVideoX shapes (meta tensors, nothing allocated); e
 
 import copy
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
 from mimir import loading
+from mimir.fuser import FORMAT as FUSER_FORMAT
 from mimir.fuser import FuserConfig, TokenFuser, save_fuser
 from mimir.loading import (
     DEMO_MODEL_DIR,
@@ -505,6 +508,45 @@ def test_save_single_file_refuses_other_objects(tmp_path):
         save_single_file(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="written as .safetensors"):
         save_single_file(tiny_vae(), tmp_path / "x.ckpt")
+
+
+# ---- bad files: each names the file and its fault --------------------------------------------------------
+
+@pytest.mark.parametrize("text, fault", [
+    (b'{"a": 1,\n "b": }', r"invalid JSON at line 2, column 7: Expecting value"),
+    (b"[1, 2]", r"expected a JSON object \(\{\.\.\.\}\), found a list"),
+    (b'"config"', r"expected a JSON object \(\{\.\.\.\}\), found a string"),
+    (b'\xff{"a": 1}', r"not UTF-8 text \(invalid start byte at byte 0\)")], ids=["invalid", "list", "string", "binary"])
+def test_broken_config_files_name_the_file_and_fault(saved, tmp_path, text, fault):
+    folder = tmp_path / "broken"
+    shutil.copytree(saved[1], folder)
+    readers = {"transformer/config.json": load_transformer, "vae/config.json": load_vae,
+               "text_encoder/config.json": load_t5, "llm/config.json": load_llm,
+               "scheduler/scheduler_config.json": load_scheduler, "llm/model.safetensors.index.json": load_llm}
+    for name, read in readers.items():
+        file = folder / name
+        original = file.read_bytes() if file.exists() else None
+        file.write_bytes(text)
+        for call in (read, inspect):
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(file))}: {fault}"):
+                call(file.parent)
+        file.write_bytes(original) if original is not None else file.unlink()
+
+
+def test_broken_config_in_metadata_names_the_file(saved, tmp_path):
+    pipe, _ = saved
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, str(path),
+              metadata={"mimir_kind": "transformer", "config": '{"num_layers": 2,}'})
+    with pytest.raises(ValueError, match=r"dit.safetensors \(the config in its safetensors metadata\): invalid JSON "
+                                         r"at line 1, column 18: Expecting property name"):
+        load_transformer(path)
+    fuser = tmp_path / "fuser.safetensors"
+    save_file(pipe.fuser.state_dict(), str(fuser), metadata={"format": FUSER_FORMAT, "config": "[1, 2]"})
+    for call in (load_token_fuser, inspect):
+        with pytest.raises(ValueError, match=r"fuser.safetensors: the fuser config in its metadata is not valid: "
+                                             r"the fuser config must be a JSON object, not list"):
+            call(fuser)
 
 
 # ---- inspect ---------------------------------------------------------------------------------------------
