@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect as pyinspect
 import json
 import logging
@@ -153,6 +154,38 @@ def read_json(file: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     return parse_json_object(text, file)
+
+
+# Fields published configs carry besides their class's own: bookkeeping (as are all keys starting with "_", such
+# as _class_name and _name_or_path), transformers' older names (torch_dtype became dtype; rope_theta and
+# rope_scaling became rope_parameters in v5), and T5's output_past and Phi-3's attention_bias, which only the
+# models' original code read.
+_BOOKKEEPING_FIELDS = frozenset({"architectures", "auto_map", "model_type", "transformers_version", "torch_dtype",
+                                 "rope_theta", "rope_scaling", "output_past", "attention_bias"})
+
+
+def config_fields(cls) -> set[str]:
+    """The fields a config of `cls` may hold: a diffusers class's __init__ parameters; for a transformers
+    config class its fields, their aliases and the generation settings older configs carry."""
+    if issubclass(cls, transformers.PretrainedConfig):
+        fields = set(cls().to_dict()) | set(cls.attribute_map) | set(transformers.GenerationConfig().to_dict())
+    else:
+        fields = set(pyinspect.signature(cls.__init__).parameters) - {"self"}
+    return fields | _BOOKKEEPING_FIELDS
+
+
+def warn_unknown_fields(config: dict, cls, where) -> list[str]:
+    """Log each field `cls` does not know, naming the nearest known one: a typo such as
+    use_rotary_positional_embedding would otherwise build another architecture from the defaults.
+    Returns the unknown fields."""
+    known = config_fields(cls)
+    unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
+    for name in unknown:
+        near = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; the nearest known field is {near[0]!r}" if near else ""
+        logger.warning("%s: unknown field %r (%s has no such field, so it is ignored)%s", where, name,
+                       cls.__name__, hint)
+    return unknown
 
 
 # ---- safetensors weights ---------------------------------------------------------------------------------
@@ -351,12 +384,15 @@ def _expect_kind(weights: _Weights, path: Path, kind: str) -> None:
         raise ValueError(f"{path}: expected a {kind} single file, but it holds {what}")
 
 
-def _metadata_config(weights: _Weights, path: Path) -> dict | None:
+def _metadata_config(weights: _Weights, path: Path, cls) -> dict | None:
     """The config a file written by save_single_file carries in its safetensors metadata (None without)."""
     text = weights.metadata.get("config")
     if text is None:
         return None
-    return parse_json_object(text, f"{path} (the config in its safetensors metadata)")
+    where = f"{path} (the config in its safetensors metadata)"
+    config = parse_json_object(text, where)
+    warn_unknown_fields(config, cls, where)
+    return config
 
 
 def _component_folder(path: Path, subfolder: str, accepts, what: str, config_name: str = "config.json"):
@@ -410,7 +446,7 @@ def _find_transformer(path: Path):
     if path.is_file():
         weights = _single_file(path)
         _expect_kind(weights, path, "transformer")
-        config = _metadata_config(weights, path)
+        config = _metadata_config(weights, path, CogVideoXTransformer3DModel)
         if config is None:
             config = transformer_config_from_shapes(weights.shapes, str(path))[1]
         config = _full_config(CogVideoXTransformer3DModel, config)
@@ -419,6 +455,7 @@ def _find_transformer(path: Path):
         return "single-file", path, config, weights, scaling
     folder, config = _component_folder(path, "transformer", _is_class("CogVideoXTransformer3DModel"),
                                        "CogVideoX transformer")
+    warn_unknown_fields(config, CogVideoXTransformer3DModel, folder / "config.json")
     config = _full_config(CogVideoXTransformer3DModel, config)
     vae_config = folder.parent / "vae" / "config.json"
     if folder.name == "transformer" and vae_config.is_file():
@@ -476,12 +513,13 @@ def _find_vae(path: Path):
     if path.is_file():
         weights = _single_file(path)
         _expect_kind(weights, path, "vae")
-        config = _metadata_config(weights, path)
+        config = _metadata_config(weights, path, AutoencoderKLCogVideoX)
         if config is None:
             _check_published_vae(weights.shapes, path)
             config = VAE_CONFIG
         return "single-file", path, _full_config(AutoencoderKLCogVideoX, config), weights
     folder, config = _component_folder(path, "vae", _is_class("AutoencoderKLCogVideoX"), "CogVideoX VAE")
+    warn_unknown_fields(config, AutoencoderKLCogVideoX, folder / "config.json")
     return "diffusers-folder", folder, _full_config(AutoencoderKLCogVideoX, config), \
         _Weights.read(_weight_files(folder))
 
@@ -548,7 +586,7 @@ def _find_t5(path: Path):
         weights = _single_file(path)
         _expect_kind(weights, path, "t5")
         weights = _t5_weights(weights)
-        config = _metadata_config(weights, path)
+        config = _metadata_config(weights, path, T5Config)
         if config is not None:
             config = T5Config.from_dict(config)
         elif "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in weights.shapes:
@@ -558,6 +596,7 @@ def _find_t5(path: Path):
                              f"relative_attention_bias to tell its size")
         return "single-file", path, config, weights, None
     folder, config = _component_folder(path, "text_encoder", lambda c: c.get("model_type") == "t5", "T5 encoder")
+    warn_unknown_fields(config, T5Config, folder / "config.json")
     tokenizer_dir = next((d for d in (folder.parent / "tokenizer", folder) if _has_tokenizer(d)), None)
     return "transformers-folder", folder, T5Config.from_dict(config), \
         _t5_weights(_Weights.read(_weight_files(folder))), tokenizer_dir
@@ -605,6 +644,12 @@ def _find_llm(path: Path) -> tuple[Path, dict]:
                      f"pipeline folder with llm/)")
 
 
+def _warn_unknown_llm_fields(folder: Path, config: dict) -> None:
+    model_type = config.get("model_type")
+    if model_type in transformers.CONFIG_MAPPING:  # a remote-code model's fields are its code's
+        warn_unknown_fields(config, transformers.CONFIG_MAPPING[model_type], folder / "config.json")
+
+
 def _llm_dims(config: dict) -> dict:
     text = config.get("text_config") or config  # multimodal configs nest the language model's
     return dict(hidden_size=text.get("hidden_size"), num_hidden_layers=text.get("num_hidden_layers"),
@@ -614,6 +659,7 @@ def _llm_dims(config: dict) -> dict:
 def load_llm(path, dtype=None, device="cpu", trust_remote_code: bool = False):
     """-> (causal LM, tokenizer, ComponentInfo) from a transformers folder. dtype None keeps the stored dtype."""
     folder, config = _find_llm(_existing(path))
+    _warn_unknown_llm_fields(folder, config)
     dtype = resolve_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), **{_DTYPE_KWARG: dtype or "auto"}, use_safetensors=True, local_files_only=True,
@@ -659,11 +705,14 @@ def load_scheduler(path_or_kind, variant: str = "5b", kind: str | None = None):
     if kind is not None:
         if kind.lower() not in SCHEDULERS:
             raise ValueError(f"unknown scheduler kind {kind!r}; expected one of {list(SCHEDULERS)}")
-        return SCHEDULERS[kind.lower()].from_config(config)
-    if config.get("_class_name") not in classes:
+        cls = SCHEDULERS[kind.lower()]
+    elif config.get("_class_name") in classes:
+        cls = classes[config["_class_name"]]
+    else:
         raise ValueError(f"{folder}: scheduler class {config.get('_class_name')!r} is not supported; "
                          f"expected one of {list(classes)}")
-    return classes[config["_class_name"]].from_config(config)
+    unknown = warn_unknown_fields(config, cls, folder / "scheduler_config.json")
+    return cls.from_config({k: v for k, v in config.items() if k not in unknown})  # diffusers would warn again
 
 
 # ---- pipeline --------------------------------------------------------------------------------------------
@@ -829,6 +878,7 @@ def _describe_t5(path: Path) -> dict:
 
 def _describe_llm(path: Path) -> dict:
     folder, config = _find_llm(path)
+    _warn_unknown_llm_fields(folder, config)
     dtype = _Weights.read(_weight_files(folder)).stored_dtype()
     out = ComponentInfo("llm", "transformers-folder", None, _llm_dims(config), _dtype_name(dtype), str(folder))
     return {**out.to_dict(), "tokenizer": str(folder) if _has_tokenizer(folder) else None}

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
@@ -34,6 +34,7 @@ from mimir.loading import (
     save_single_file,
     t5_config_from_shapes,
     transformer_config_from_shapes,
+    warn_unknown_fields,
 )
 from mimir.offload import Placement
 from mimir.pipeline import MimirPipeline
@@ -511,6 +512,107 @@ def test_save_single_file_refuses_other_objects(tmp_path):
 
 
 # ---- bad files: each names the file and its fault --------------------------------------------------------
+
+# Published configs, as their repositories hold them: CogVideoX-2B / -5B transformers (kijai's ComfyUI-CogVideoXWrapper
+# configs/, with THUDM's bookkeeping), the CogVideoX VAE and scheduler, CogVideoX's T5-XXL text_encoder/ and
+# Phi-3.5-mini-instruct (its longrope factors shortened to one repeated value: only the fields matter here).
+COGVIDEOX_2B = {"_class_name": "CogVideoXTransformer3DModel", "_diffusers_version": "0.30.0.dev0",
+                "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 64, "dropout": 0.0,
+                "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 16, "max_text_seq_length": 226,
+                "norm_elementwise_affine": True, "norm_eps": 1e-05, "num_attention_heads": 30, "num_layers": 30,
+                "out_channels": 16, "patch_size": 2, "sample_frames": 49, "sample_height": 60, "sample_width": 90,
+                "spatial_interpolation_scale": 1.875, "temporal_compression_ratio": 4,
+                "temporal_interpolation_scale": 1.0, "text_embed_dim": 4096, "time_embed_dim": 512,
+                "timestep_activation_fn": "silu", "use_rotary_positional_embeddings": False}
+COGVIDEOX_5B = {**COGVIDEOX_2B, "num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True,
+                "use_learned_positional_embeddings": False}
+COGVIDEOX_VAE = {"_class_name": "AutoencoderKLCogVideoX", "_diffusers_version": "0.31.0.dev0", "act_fn": "silu",
+                 "block_out_channels": [128, 256, 256, 512], "down_block_types": ["CogVideoXDownBlock3D"] * 4,
+                 "force_upcast": True, "in_channels": 3, "latent_channels": 16, "latents_mean": None,
+                 "latents_std": None, "layers_per_block": 3, "norm_eps": 1e-06, "norm_num_groups": 32,
+                 "out_channels": 3, "sample_height": 480, "sample_width": 720, "scaling_factor": 0.7,
+                 "shift_factor": None, "temporal_compression_ratio": 4, "up_block_types": ["CogVideoXUpBlock3D"] * 4,
+                 "use_post_quant_conv": False, "use_quant_conv": False}
+COGVIDEOX_SCHEDULER = {"_class_name": "CogVideoXDDIMScheduler", "_diffusers_version": "0.30.0.dev0", "beta_end": 0.012,
+                       "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                       "clip_sample_range": 1.0, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+                       "rescale_betas_zero_snr": True, "sample_max_value": 1.0, "set_alpha_to_one": True,
+                       "snr_shift_scale": 3.0, "steps_offset": 0, "timestep_spacing": "trailing",
+                       "trained_betas": None}
+T5_XXL = {"_name_or_path": "google/t5-v1_1-xxl", "architectures": ["T5EncoderModel"], "classifier_dropout": 0.0,
+          "d_ff": 10240, "d_kv": 64, "d_model": 4096, "decoder_start_token_id": 0, "dense_act_fn": "gelu_new",
+          "dropout_rate": 0.1, "eos_token_id": 1, "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0,
+          "is_encoder_decoder": True, "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5",
+          "num_decoder_layers": 24, "num_heads": 64, "num_layers": 24, "output_past": True, "pad_token_id": 0,
+          "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32, "tie_word_embeddings": False,
+          "torch_dtype": "float16", "transformers_version": "4.44.0.dev0", "use_cache": True, "vocab_size": 32128}
+PHI_35_MINI = {"_name_or_path": "Phi-3.5-mini-instruct", "architectures": ["Phi3ForCausalLM"],
+               "attention_dropout": 0.0, "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config",
+                                                      "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"},
+               "bos_token_id": 1, "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 3072,
+               "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072,
+               "model_type": "phi3", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+               "original_max_position_embeddings": 4096, "pad_token_id": 32000, "resid_pdrop": 0.0,
+               "rms_norm_eps": 1e-05, "rope_scaling": {"long_factor": [1.08] * 48, "short_factor": [1.0] * 48,
+                                                       "type": "longrope"},
+               "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+               "transformers_version": "4.43.3", "use_cache": True, "attention_bias": False, "vocab_size": 32064}
+
+
+@pytest.mark.parametrize("config, cls", [
+    (COGVIDEOX_2B, CogVideoXTransformer3DModel), (COGVIDEOX_5B, CogVideoXTransformer3DModel),
+    (COGVIDEOX_VAE, AutoencoderKLCogVideoX), (COGVIDEOX_SCHEDULER, CogVideoXDDIMScheduler), (T5_XXL, T5Config),
+    (PHI_35_MINI, transformers.Phi3Config)], ids=["2b", "5b", "vae", "scheduler", "t5-xxl", "phi-3.5-mini"])
+def test_published_configs_do_not_warn(config, cls, caplog):
+    assert warn_unknown_fields(config, cls, "config.json") == [] and caplog.records == []
+
+
+def test_configs_written_today_do_not_warn(saved, caplog):
+    inspect(DEMO_MODEL_DIR)  # every component's config, as this diffusers and transformers write them
+    load_pipeline(saved[1])
+    assert [r.getMessage() for r in caplog.records if r.name == "mimir.loading"] == []
+
+
+def edit_json(file, **changes):
+    """Rename fields (old_name="new_name") in a JSON file."""
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps({changes.get(k, k): v for k, v in config.items()}))
+
+
+def test_config_typos_warn_with_the_nearest_field(saved, tmp_path, caplog):
+    folder = tmp_path / "typos"
+    shutil.copytree(saved[1], folder)
+    edit_json(folder / "transformer" / "config.json", use_rotary_positional_embeddings="use_rotary_positional_embedding")
+    edit_json(folder / "vae" / "config.json", scaling_factor="scaling_factr")
+    edit_json(folder / "text_encoder" / "config.json", layer_norm_epsilon="layer_norm_epsilo")
+    edit_json(folder / "llm" / "config.json", rms_norm_eps="rms_norm_epsilon")
+    edit_json(folder / "scheduler" / "scheduler_config.json", snr_shift_scale="snr_shift_scal")
+    load_pipeline(folder)
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "mimir.loading")
+    expected = [("llm/config.json", "rms_norm_epsilon", "Phi3Config", "rms_norm_eps"),
+                ("scheduler/scheduler_config.json", "snr_shift_scal", "CogVideoXDDIMScheduler", "snr_shift_scale"),
+                ("text_encoder/config.json", "layer_norm_epsilo", "T5Config", "layer_norm_epsilon"),
+                ("transformer/config.json", "use_rotary_positional_embedding", "CogVideoXTransformer3DModel",
+                 "use_rotary_positional_embeddings"),
+                ("vae/config.json", "scaling_factr", "AutoencoderKLCogVideoX", "scaling_factor")]
+    assert warnings == [f"{folder / file}: unknown field {typo!r} ({cls} has no such field, so it is ignored); the "
+                        f"nearest known field is {near!r}" for file, typo, cls, near in expected]
+
+
+def test_config_typo_in_single_file_metadata_warns(tmp_path, caplog):
+    model = tiny_transformer("5b")
+    config = {("use_rotary_positional_embedding" if k == "use_rotary_positional_embeddings" else k): v
+              for k, v in json.loads(model.to_json_string()).items()}
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"mimir_kind": "transformer", "config": json.dumps(config)})
+    _, info = load_transformer(path)
+    assert info.dims["positional_embeddings"] == "sincos"  # the class default: the reason the warning exists
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path} (the config in its safetensors metadata): unknown field 'use_rotary_positional_embedding' "
+        f"(CogVideoXTransformer3DModel has no such field, so it is ignored); the nearest known field is "
+        f"'use_rotary_positional_embeddings'"]
+
 
 @pytest.mark.parametrize("text, fault", [
     (b'{"a": 1,\n "b": }', r"invalid JSON at line 2, column 7: Expecting value"),
