@@ -188,6 +188,29 @@ def warn_unknown_fields(config: dict, cls, where) -> list[str]:
     return unknown
 
 
+def safetensors_fault(file: Path) -> str:
+    """What is wrong with a file safetensors cannot open, told from its header: truncated (an interrupted
+    download or copy) or not a safetensors file at all."""
+    if not file.is_file():
+        return "no such file"
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if size < 8 or header_len > 100_000_000:  # safetensors refuses larger headers
+            return "corrupt: not a .safetensors file"
+        if size < 8 + header_len:
+            return f"truncated: {size} bytes, cut inside its {header_len}-byte header"
+        header = f.read(header_len)
+    try:
+        ends = [e["data_offsets"][1] for k, e in json.loads(header).items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "corrupt: not a .safetensors file (its header is not a safetensors header)"
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size} bytes, but its header describes {expected} (an incomplete download or copy?)"
+    return "corrupt: not a readable .safetensors file"
+
+
 # ---- safetensors weights ---------------------------------------------------------------------------------
 
 @dataclass
@@ -213,7 +236,7 @@ class _Weights:
                         weights.shapes[key] = tuple(tensor.get_shape())
                         weights.dtypes[key] = tensor.get_dtype()
             except Exception as exc:  # safetensors raises its own error types for corrupt and truncated files
-                raise ValueError(f"{file}: not a readable .safetensors file ({exc})") from exc
+                raise ValueError(f"{file}: {safetensors_fault(file)} ({exc})") from exc
         return weights
 
     def alias(self, key: str, source_key: str) -> None:
@@ -632,14 +655,15 @@ def load_t5(path, tokenizer_path=None, dtype=None, device="cpu"):
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
-def _find_llm(path: Path) -> tuple[Path, dict]:
+def _find_llm(path: Path) -> tuple[Path, dict, _Weights]:
     if path.is_file():
         raise ValueError(f"{path}: an LLM must be a transformers folder (config.json, tokenizer, *.safetensors), "
                          f"not a single file")
     for folder in (path / "llm", path):
         if (folder / "config.json").is_file():
-            _weight_files(folder)  # refuses pickle-only folders before transformers looks at them
-            return folder, read_json(folder / "config.json")
+            # refuses pickle-only folders and truncated weights before transformers looks at them
+            weights = _Weights.read(_weight_files(folder))
+            return folder, read_json(folder / "config.json"), weights
     raise ValueError(f"{path}: not an LLM folder: expected a transformers folder with config.json (or a Mimir "
                      f"pipeline folder with llm/)")
 
@@ -658,7 +682,7 @@ def _llm_dims(config: dict) -> dict:
 
 def load_llm(path, dtype=None, device="cpu", trust_remote_code: bool = False):
     """-> (causal LM, tokenizer, ComponentInfo) from a transformers folder. dtype None keeps the stored dtype."""
-    folder, config = _find_llm(_existing(path))
+    folder, config, _ = _find_llm(_existing(path))
     _warn_unknown_llm_fields(folder, config)
     dtype = resolve_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -759,7 +783,8 @@ def _mimir_llm(root: Path, fuser_path: Path | None, llm_path) -> Path | None:
             raise ValueError(f"an LLM was given ({llm_path}) but there is no fuser: {root / FUSER_FILE} is absent "
                              f"and no fuser_path was given")
         return None
-    llm_folder, config = _find_llm(_existing(llm_path) if llm_path is not None else root)
+    llm_folder, config, _ = _find_llm(_existing(llm_path) if llm_path is not None else root)
+    _single_file(fuser_path)  # names a truncated or corrupt fuser file as such
     llm_dim, hidden = read_fuser_config(fuser_path).llm_dim, _llm_dims(config)["hidden_size"]
     if llm_dim != hidden:
         raise ValueError(f"{fuser_path}: the fuser was made for an LLM of hidden size {llm_dim} (llm_dim), but "
@@ -877,10 +902,10 @@ def _describe_t5(path: Path) -> dict:
 
 
 def _describe_llm(path: Path) -> dict:
-    folder, config = _find_llm(path)
+    folder, config, weights = _find_llm(path)
     _warn_unknown_llm_fields(folder, config)
-    dtype = _Weights.read(_weight_files(folder)).stored_dtype()
-    out = ComponentInfo("llm", "transformers-folder", None, _llm_dims(config), _dtype_name(dtype), str(folder))
+    dims, dtype = _llm_dims(config), _dtype_name(weights.stored_dtype())
+    out = ComponentInfo("llm", "transformers-folder", None, dims, dtype, str(folder))
     return {**out.to_dict(), "tokenizer": str(folder) if _has_tokenizer(folder) else None}
 
 

@@ -455,11 +455,15 @@ def test_corrupt_and_truncated_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    for path in (truncated, garbage):
-        with pytest.raises(ValueError, match="not a readable .safetensors file"):
-            load_transformer(path)
-        with pytest.raises(ValueError, match="not a readable .safetensors file"):
-            inspect(path)
+    in_header = tmp_path / "in_header.safetensors"
+    in_header.write_bytes(good.read_bytes()[:100])
+    faults = {truncated: rf"truncated: {truncated.stat().st_size} bytes, but its header describes {good.stat().st_size}",
+              in_header: r"truncated: 100 bytes, cut inside its \d+-byte header",
+              garbage: "corrupt: not a .safetensors file"}
+    for path, fault in faults.items():
+        for read in (load_transformer, inspect):
+            with pytest.raises(ValueError, match=rf"{path.name}: {fault}"):
+                read(path)
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):
@@ -649,6 +653,34 @@ def test_broken_config_in_metadata_names_the_file(saved, tmp_path):
         with pytest.raises(ValueError, match=r"fuser.safetensors: the fuser config in its metadata is not valid: "
                                              r"the fuser config must be a JSON object, not list"):
             call(fuser)
+
+
+def truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    return file
+
+
+def test_truncated_weights_name_the_file(saved, tmp_path, monkeypatch):
+    folder = tmp_path / "truncated"
+    shutil.copytree(saved[1], folder)
+    readers = {"transformer/diffusion_pytorch_model.safetensors": load_transformer,
+               "vae/diffusion_pytorch_model.safetensors": load_vae, "text_encoder/model.safetensors": load_t5,
+               "llm/model.safetensors": load_llm, "fuser.safetensors": load_token_fuser}
+    for name, read in readers.items():
+        file = folder / name
+        original, size = file.read_bytes(), file.stat().st_size
+        truncate(file)
+        fault = rf"^{re.escape(str(file))}: truncated: {size // 2} bytes, but its header describes {size} "
+        with pytest.raises(ValueError, match=fault):
+            read(file if file.parent == folder else file.parent)
+        file.write_bytes(original)
+    # a Mimir pipeline checks its LLM's and fuser's files before it builds any model
+    monkeypatch.setattr(loading, "_build", lambda *a: pytest.fail("a model was built"))
+    for name in ("llm/model.safetensors", "fuser.safetensors"):
+        truncate(folder / name)
+        with pytest.raises(ValueError, match=rf"{name}: truncated"):
+            load_pipeline(folder)
+        shutil.copy(saved[1] / name, folder / name)
 
 
 # ---- inspect ---------------------------------------------------------------------------------------------
