@@ -55,6 +55,15 @@ class FuserConfig:
     def out_len(self) -> int:
         return self.text_len + self.stabilizer_tokens
 
+    def check_llm_depth(self, num_hidden_layers: int, where: str = "the fuser") -> None:
+        """llm_hidden_layer indexes the LLM's hidden_states (the embeddings, then one entry per layer): refuse
+        an index out of range before any text is encoded."""
+        n = num_hidden_layers + 1
+        if not -n <= self.llm_hidden_layer < n:
+            raise ValueError(f"{where}: llm_hidden_layer {self.llm_hidden_layer} is out of range for an LLM with "
+                             f"{num_hidden_layers} layers: its hidden_states has {n} entries, so the index must be "
+                             f"in {-n}..{n - 1}")
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 

@@ -785,10 +785,12 @@ def _mimir_llm(root: Path, fuser_path: Path | None, llm_path) -> Path | None:
         return None
     llm_folder, config, _ = _find_llm(_existing(llm_path) if llm_path is not None else root)
     _single_file(fuser_path)  # names a truncated or corrupt fuser file as such
-    llm_dim, hidden = read_fuser_config(fuser_path).llm_dim, _llm_dims(config)["hidden_size"]
-    if llm_dim != hidden:
-        raise ValueError(f"{fuser_path}: the fuser was made for an LLM of hidden size {llm_dim} (llm_dim), but "
-                         f"{llm_folder} has hidden size {hidden}")
+    fuser_config, dims = read_fuser_config(fuser_path), _llm_dims(config)
+    if fuser_config.llm_dim != dims["hidden_size"]:
+        raise ValueError(f"{fuser_path}: the fuser was made for an LLM of hidden size {fuser_config.llm_dim} "
+                         f"(llm_dim), but {llm_folder} has hidden size {dims['hidden_size']}")
+    if dims["num_hidden_layers"] is not None:
+        fuser_config.check_llm_depth(dims["num_hidden_layers"], f"{fuser_path} (with the LLM {llm_folder})")
     return llm_folder
 
 

@@ -683,6 +683,21 @@ def test_truncated_weights_name_the_file(saved, tmp_path, monkeypatch):
         shutil.copy(saved[1] / name, folder / name)
 
 
+@pytest.mark.parametrize("layer, allowed", [(-1, True), (2, True), (-3, True), (3, False), (-4, False)])
+def test_llm_hidden_layer_is_checked_where_the_llm_meets_the_fuser(saved, tmp_path, layer, allowed):
+    _, folder = saved  # its LLM has 2 layers: hidden_states has 3 entries
+    config = FuserConfig(t5_dim=32, llm_dim=48, text_len=16, stabilizer_tokens=0, instructions=(),
+                         llm_hidden_layer=layer)
+    save_fuser(TokenFuser(config), tmp_path / "fuser.safetensors")
+    if allowed:
+        assert loading.pipeline_paths(folder, fuser_path=tmp_path / "fuser.safetensors")[2] == folder / "llm"
+        return
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'fuser.safetensors'} \(with the LLM {folder / 'llm'}\): "
+                                         rf"llm_hidden_layer {layer} is out of range for an LLM with 2 layers: its "
+                                         rf"hidden_states has 3 entries, so the index must be in -3..2"):
+        load_pipeline(folder, fuser_path=tmp_path / "fuser.safetensors")
+
+
 # ---- inspect ---------------------------------------------------------------------------------------------
 
 def test_inspect_files_and_folders(saved, tmp_path):
