@@ -221,6 +221,7 @@ class _Weights:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]  # safetensors dtype names: "F32", "BF16", ...
     metadata: dict[str, str] = field(default_factory=dict)  # of the first file
+    scales: dict[str, tuple[Path, str]] = field(default_factory=dict)  # scaled-fp8 weight key -> its scale
 
     @classmethod
     def read(cls, files: list[Path]) -> _Weights:
@@ -237,7 +238,24 @@ class _Weights:
                         weights.dtypes[key] = tensor.get_dtype()
             except Exception as exc:  # safetensors raises its own error types for corrupt and truncated files
                 raise ValueError(f"{file}: {safetensors_fault(file)} ({exc})") from exc
+        weights.read_scaled_fp8()
         return weights
+
+    def read_scaled_fp8(self) -> None:
+        """ComfyUI's "scaled fp8" files (a `scaled_fp8` marker; fp8 Linear weights, each with a `scale_weight`
+        and a `scale_input`) hold weight / scale_weight: they load as weight * scale_weight, as ComfyUI computes
+        them. scale_input only serves ComfyUI's fp8 matrix products."""
+        if "scaled_fp8" not in self.sources:
+            return
+        self.pop("scaled_fp8")
+        for key in [k for k in self.sources if k.endswith((".scale_weight", ".scale_input"))]:
+            source = self.pop(key)
+            if key.endswith(".scale_weight"):
+                self.scales[key.removesuffix("scale_weight") + "weight"] = source
+
+    def pop(self, key: str) -> tuple[Path, str]:
+        del self.shapes[key], self.dtypes[key]
+        return self.sources.pop(key)
 
     def alias(self, key: str, source_key: str) -> None:
         """Make `key` read the same tensor as `source_key` (a tied weight the file stores once)."""
@@ -246,7 +264,7 @@ class _Weights:
 
     def drop(self, prefixes: tuple[str, ...]) -> None:
         for key in [k for k in self.sources if k.startswith(prefixes)]:
-            del self.sources[key], self.shapes[key], self.dtypes[key]
+            self.pop(key)
 
     def stored_dtype(self) -> torch.dtype:
         """The floating dtype holding most of the weights; float8 storage computes in bfloat16."""
@@ -261,12 +279,14 @@ class _Weights:
 
     def load(self) -> dict[str, torch.Tensor]:
         by_file: dict[Path, set[str]] = {}
-        for file, name in self.sources.values():
+        for file, name in [*self.sources.values(), *self.scales.values()]:
             by_file.setdefault(file, set()).add(name)
         tensors = {}
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt") as f:
                 tensors.update({(file, name): f.get_tensor(name) for name in names})
+        for key, scale in self.scales.items():  # in fp32: the caller casts to the dtype the model computes in
+            tensors[self.sources[key]] = tensors[self.sources[key]].float() * tensors[scale].float()
         return {key: tensors[source] for key, source in self.sources.items()}  # aliases share one tensor
 
 

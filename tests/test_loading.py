@@ -698,6 +698,41 @@ def test_llm_hidden_layer_is_checked_where_the_llm_meets_the_fuser(saved, tmp_pa
         load_pipeline(folder, fuser_path=tmp_path / "fuser.safetensors")
 
 
+def scaled_fp8(state: dict) -> dict:
+    """A state dict as ComfyUI's "scaled fp8" T5 files store it: each Linear weight as fp8 e4m3fn divided by its
+    scale_weight (with a scale_input), other tensors as they were, and a `scaled_fp8` marker."""
+    out = {"scaled_fp8": torch.tensor([], dtype=torch.float8_e4m3fn)}
+    for key, tensor in state.items():
+        if tensor.ndim == 2 and key.startswith("encoder.block.") and "relative_attention_bias" not in key:
+            scale = tensor.abs().max() / 448  # float8_e4m3fn's largest value
+            out[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            out[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+            out[key.removesuffix("weight") + "scale_input"] = torch.ones(())
+        else:
+            out[key] = tensor.contiguous()
+    return out
+
+
+def test_t5_scaled_fp8_file_as_comfyui_stores_it(saved, tmp_path):
+    pipe, folder = saved
+    state = {k: v for k, v in pipe.text_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    stored = scaled_fp8(state)
+    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(stored, str(path))
+    assert sum(k.endswith((".scale_weight", ".scale_input")) for k in stored) == 24  # 2 layers x 6 Linear x 2
+    model, tokenizer, info = load_t5(path, tokenizer_path=folder / "tokenizer", dtype="fp32")
+    dequantized = {k: stored[k].float() * stored[k.removesuffix("weight") + "scale_weight"]
+                   if stored[k].dtype == torch.float8_e4m3fn else stored[k] for k in state}
+    reference = copy.deepcopy(pipe.text_encoder)
+    reference.load_state_dict(dequantized, strict=False)
+    assert same_state(model, reference) and info.layout == "single-file"
+    assert torch.equal(t5_out(model, tokenizer), t5_out(reference, tokenizer))
+    ours, original = t5_out(model, tokenizer), t5_out(pipe.text_encoder, tokenizer)
+    assert (ours - original).norm() / original.norm() < 0.1  # fp8's rounding; unscaled weights would be far off
+    assert load_t5(path, tokenizer_path=folder / "tokenizer")[0].dtype == torch.bfloat16  # fp8 computes in bf16
+    assert inspect(path)["kind"] == "t5"
+
+
 # ---- inspect ---------------------------------------------------------------------------------------------
 
 def test_inspect_files_and_folders(saved, tmp_path):
