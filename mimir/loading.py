@@ -558,8 +558,7 @@ def _find_vae(path: Path):
         _expect_kind(weights, path, "vae")
         config = _metadata_config(weights, path, AutoencoderKLCogVideoX)
         if config is None:
-            _check_published_vae(weights.shapes, path)
-            config = VAE_CONFIG
+            config = _vae_config_of_file(weights.shapes, path)
         return "single-file", path, _full_config(AutoencoderKLCogVideoX, config), weights
     folder, config = _component_folder(path, "vae", _is_class("AutoencoderKLCogVideoX"), "CogVideoX VAE")
     warn_unknown_fields(config, AutoencoderKLCogVideoX, folder / "config.json")
@@ -567,23 +566,36 @@ def _find_vae(path: Path):
         _Weights.read(_weight_files(folder))
 
 
-def _check_published_vae(shapes: dict[str, tuple], path: Path) -> None:
-    """A VAE file without config metadata must have the shapes of the published CogVideoX VAE."""
-    c = VAE_CONFIG
-    expected = {"encoder.conv_in.conv.weight": (c["block_out_channels"][0], c["in_channels"], 3, 3, 3),
-                "decoder.conv_in.conv.weight": (c["block_out_channels"][-1], c["latent_channels"], 3, 3, 3)}
-    found = {k: tuple(shapes.get(k, ())) for k in expected}
-    if found != expected:
-        raise ValueError(f"{path}: unknown VAE: " + ", ".join(f"{k} has shape {list(v)}" for k, v in found.items())
-                         + "; the CogVideoX VAE has " + ", ".join(str(list(v)) for v in expected.values())
-                         + ". Files written by mimir's save_single_file carry their own config.")
+def vae_config_from_shapes(shapes: dict[str, tuple], where: str = "checkpoint") -> dict:
+    """The config fields a CogVideoX VAE's weight shapes tell: its channels and depth."""
+    blocks = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down_blocks.")})
+    widths = [f"encoder.down_blocks.{i}.resnets.0.conv2.conv.weight" for i in blocks]
+    ends = ["encoder.conv_in.conv.weight", "decoder.conv_in.conv.weight", "decoder.conv_out.conv.weight"]
+    missing = [k for k in ends + widths if k not in shapes]
+    if missing:
+        raise ValueError(f"{where}: cannot tell this VAE's size from its weights: it has no {_few(missing, 3)}")
+    resnets = {k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.resnets.")}
+    return dict(in_channels=shapes[ends[0]][1], latent_channels=shapes[ends[1]][1], out_channels=shapes[ends[2]][0],
+                block_out_channels=[shapes[k][0] for k in widths], layers_per_block=len(resnets))
+
+
+def _vae_config_of_file(shapes: dict[str, tuple], path: Path) -> dict:
+    """The published VAE's config when the shapes are its; else what the shapes tell, with None for what no
+    shape depends on (norm groups, temporal compression, scaling factor)."""
+    found = vae_config_from_shapes(shapes, str(path))
+    published = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in VAE_CONFIG.items() if k in found}
+    if found == published:
+        return VAE_CONFIG
+    return {**found, "norm_num_groups": None, "temporal_compression_ratio": None, "scaling_factor": None}
 
 
 def _vae_info(layout, path, config, dtype) -> ComponentInfo:
     dims = dict(latent_channels=config["latent_channels"], block_out_channels=list(config["block_out_channels"]),
                 layers_per_block=config["layers_per_block"],
                 temporal_compression_ratio=config["temporal_compression_ratio"])
-    return ComponentInfo("vae", layout, None, dims, _dtype_name(dtype), str(path), float(config["scaling_factor"]))
+    scaling = config["scaling_factor"]
+    return ComponentInfo("vae", layout, None, dims, _dtype_name(dtype), str(path),
+                         None if scaling is None else float(scaling))
 
 
 def load_vae(path, dtype=None, device="cpu", scaling_factor: float | None = None):
@@ -591,6 +603,12 @@ def load_vae(path, dtype=None, device="cpu", scaling_factor: float | None = None
     VAE, whose scaling factor the weights do not tell (2B 1.15258426, 5B/1.5 0.7): pass `scaling_factor` (the
     transformer's ComponentInfo.vae_scaling_factor), else diffusers' default 1.15258426 is used."""
     layout, where, config, weights = _find_vae(_existing(path))
+    if config["norm_num_groups"] is None:
+        raise ValueError(f"{where}: a CogVideoX VAE of other size than the published one (block_out_channels "
+                         f"{list(config['block_out_channels'])}, latent_channels {config['latent_channels']}): its "
+                         f"norm groups and temporal compression are not in its weights, so this file alone cannot "
+                         f"build it. Load its diffusers folder (config.json beside the weights), or a file written "
+                         f"by mimir's save_single_file, which carries its config")
     if scaling_factor is not None:
         config = {**config, "scaling_factor": float(scaling_factor)}
     model = _build(lambda: AutoencoderKLCogVideoX.from_config(config), weights, dtype, device, str(where))

@@ -330,9 +330,10 @@ def test_vae_single_file_without_metadata(tmp_path, monkeypatch):
     vae = tiny_vae()
     path = tmp_path / "comfy_vae.safetensors"
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
-    with pytest.raises(ValueError, match=r"unknown VAE: encoder.conv_in.conv.weight has shape \[8, 3, 3, 3, 3\].*"
-                                         r"the CogVideoX VAE has \[128, 3, 3, 3, 3\], \[512, 16, 3, 3, 3\]"):
-        load_vae(path)  # read as the published CogVideoX VAE, which this tiny file is not
+    with pytest.raises(ValueError, match=r"comfy_vae.safetensors: a CogVideoX VAE of other size than the published "
+                                         r"one \(block_out_channels \[8, 8, 8, 8\], latent_channels 4\): its norm "
+                                         r"groups and temporal compression are not in its weights"):
+        load_vae(path)  # the published CogVideoX VAE's config does not fit, and the weights cannot tell all of one
     monkeypatch.setattr(loading, "VAE_CONFIG", config_of(vae))
     loaded, info = load_vae(path, scaling_factor=0.7)
     assert info.vae_scaling_factor == 0.7 and torch.equal(vae_out(loaded), vae_out(vae))
@@ -731,6 +732,24 @@ def test_t5_scaled_fp8_file_as_comfyui_stores_it(saved, tmp_path):
     assert (ours - original).norm() / original.norm() < 0.1  # fp8's rounding; unscaled weights would be far off
     assert load_t5(path, tokenizer_path=folder / "tokenizer")[0].dtype == torch.bfloat16  # fp8 computes in bf16
     assert inspect(path)["kind"] == "t5"
+
+
+def test_vae_single_file_of_another_size_is_inspected(tmp_path):
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 16, 16, 32), layers_per_block=2, latent_channels=4,
+                                 norm_num_groups=4, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4)
+    path = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))  # no metadata, as ComfyUI's
+    info = inspect(path)
+    assert (info["kind"], info["layout"], info["vae_scaling_factor"]) == ("vae", "single-file", None)
+    assert info["dims"] == dict(latent_channels=4, block_out_channels=[8, 16, 16, 32], layers_per_block=2,
+                                temporal_compression_ratio=None)  # no weight's shape depends on it
+    with pytest.raises(ValueError, match=r"block_out_channels \[8, 16, 16, 32\], latent_channels 4\): its norm groups"):
+        load_vae(path)
+    bundled = DEMO_MODEL_DIR / "vae"
+    as_file, as_folder = inspect(bundled / "diffusion_pytorch_model.safetensors"), inspect(bundled)
+    told = ("latent_channels", "block_out_channels", "layers_per_block")
+    assert {k: as_file["dims"][k] for k in told} == {k: as_folder["dims"][k] for k in told}
 
 
 # ---- inspect ---------------------------------------------------------------------------------------------
