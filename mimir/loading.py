@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sentencepiece
 import torch
 import transformers
 from diffusers import (
@@ -664,7 +665,8 @@ def _find_t5(path: Path):
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model"))
+    names = ("tokenizer.json", "tokenizer_config.json", *_SENTENCEPIECE_FILES)
+    return any((folder / name).is_file() for name in names)
 
 
 def _t5_info(layout, path, config: T5Config, dtype) -> ComponentInfo:
@@ -681,7 +683,7 @@ def load_t5(path, tokenizer_path=None, dtype=None, device="cpu"):
         raise ValueError(f"{where}: no T5 tokenizer found beside it: pass tokenizer_path (a tokenizer folder)")
     if not _has_tokenizer(tokenizer_dir):
         raise ValueError(f"{tokenizer_dir}: no tokenizer here (no tokenizer.json, tokenizer_config.json or spiece.model)")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tokenizer = load_tokenizer(tokenizer_dir, model_type="t5")
     model = _build(lambda: T5EncoderModel(config), weights, dtype, device, str(where))
     model.set_input_embeddings(model.shared)  # the encoder reads the shared table; keep them one tensor
     return model, tokenizer, _t5_info(layout, where, config, model.dtype)
@@ -723,13 +725,53 @@ def load_llm(path, dtype=None, device="cpu", trust_remote_code: bool = False):
     folder, config, _ = _find_llm(_existing(path))
     _warn_unknown_llm_fields(folder, config)
     dtype = resolve_dtype(dtype)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)  # fails before the weights load
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), **{_DTYPE_KWARG: dtype or "auto"}, use_safetensors=True, local_files_only=True,
         trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
     model = model.to(device).eval()
     info = ComponentInfo("llm", "transformers-folder", None, _llm_dims(config), _dtype_name(model.dtype), str(folder))
     return model, tokenizer, info
+
+
+# ---- tokenizers ------------------------------------------------------------------------------------------
+
+_SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
+# A tokenizer's vocabulary is in one of these (transformers builds an empty tokenizer from a config alone).
+_VOCABULARY_FILES = ("tokenizer.json", "tekken.json", "*.model", "*.tiktoken", "*.spm", "vocab.*", "merges.txt")
+
+
+def load_tokenizer(folder: Path, model_type: str | None = None, trust_remote_code: bool = False):
+    """A folder's tokenizer, or a ValueError naming the folder and the cause. `model_type` ("t5") tells the
+    class of a folder that does not name it: the published CogVideoX tokenizer/ may hold only spiece.model."""
+    if not any(any(folder.glob(pattern)) for pattern in _VOCABULARY_FILES):
+        present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise ValueError(f"{folder}: the tokenizer cannot be loaded: it has no vocabulary file (tokenizer.json, "
+                         f"spiece.model, tokenizer.model, ...); it holds {present}")
+    named = any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "config.json"))
+    hint = {"tokenizer_type": model_type} if model_type and not named else {}
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code,
+                                             **hint)
+    except Exception as exc:  # transformers' messages name neither the folder nor the file at fault
+        raise ValueError(f"{folder}: the tokenizer cannot be loaded: {_tokenizer_fault(folder) or exc}") from exc
+
+
+def _tokenizer_fault(folder: Path) -> str | None:
+    """The broken file of a tokenizer folder (a JSON file, a SentencePiece model), if one is."""
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json"):
+        if (folder / name).is_file():
+            try:
+                read_json(folder / name)
+            except ValueError as exc:
+                return str(exc)
+    for name in _SENTENCEPIECE_FILES:
+        if (folder / name).is_file():
+            try:
+                sentencepiece.SentencePieceProcessor(model_file=str(folder / name))
+            except Exception as exc:  # sentencepiece raises RuntimeError or OSError by version
+                return f"{folder / name} is not a SentencePiece model ({exc})"
+    return None
 
 
 # ---- fuser -----------------------------------------------------------------------------------------------

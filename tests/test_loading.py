@@ -2,11 +2,16 @@
 detection on the published CogVideoX shapes (meta tensors, nothing allocated); each refusal names its cause."""
 
 import copy
+import io
 import json
+import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
+import sentencepiece
+import tokenizers
 import torch
 import transformers
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
@@ -27,6 +32,7 @@ from mimir.loading import (
     load_scheduler,
     load_t5,
     load_token_fuser,
+    load_tokenizer,
     load_transformer,
     load_vae,
     match_variant,
@@ -38,8 +44,16 @@ from mimir.loading import (
 )
 from mimir.offload import Placement
 from mimir.pipeline import MimirPipeline
-from mimir.testing import real_scheduler, tiny_components, tiny_llm, tiny_transformer, tiny_vae, word_tokenizer
-from mimir.text import encode_t5
+from mimir.testing import (
+    BASE_WORDS,
+    real_scheduler,
+    tiny_components,
+    tiny_llm,
+    tiny_transformer,
+    tiny_vae,
+    word_tokenizer,
+)
+from mimir.text import chat_template_parts, encode_t5
 
 CALL = dict(num_frames=5, height=16, width=16, steps=2, guidance=6.0, seed=3, output_type="latent")
 
@@ -750,6 +764,109 @@ def test_vae_single_file_of_another_size_is_inspected(tmp_path):
     as_file, as_folder = inspect(bundled / "diffusion_pytorch_model.safetensors"), inspect(bundled)
     told = ("latent_channels", "block_out_channels", "layers_per_block")
     assert {k: as_file["dims"][k] for k in told} == {k: as_folder["dims"][k] for k in told}
+
+
+@pytest.fixture(scope="module")
+def spiece_model() -> bytes:
+    """A tiny SentencePiece model trained offline, with T5's special ids (pad 0, </s> 1, <unk> 2, no <s>)."""
+    words = BASE_WORDS
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(words[i:i + 6]) for i in range(0, len(words), 3)), model_writer=model,
+        vocab_size=60, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return model.getvalue()
+
+
+def t5_tokenizer_config(vocab_size: int) -> dict:
+    """tokenizer_config.json as CogVideoX's tokenizer/ publishes it (100 extra ids after the SentencePiece ones)."""
+    token = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+    specials = {0: "<pad>", 1: "</s>", 2: "<unk>", **{vocab_size + i: f"<extra_id_{99 - i}>" for i in range(100)}}
+    return {"add_prefix_space": True, "added_tokens_decoder": {str(i): {"content": t, **token} for i, t in specials.items()},
+            "additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)], "clean_up_tokenization_spaces": True,
+            "eos_token": "</s>", "extra_ids": 100, "legacy": True, "model_max_length": 226, "pad_token": "<pad>",
+            "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}
+
+
+@pytest.mark.parametrize("with_config", [True, False], ids=["with-tokenizer-config", "spiece-model-only"])
+def test_published_t5_tokenizer_folder_loads(saved, tmp_path, spiece_model, with_config):
+    _, folder = saved
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "spiece.model").write_bytes(spiece_model)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=spiece_model)
+    if with_config:
+        (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(t5_tokenizer_config(sp.vocab_size())))
+    _, tokenizer, _ = load_t5(folder / "text_encoder", tokenizer_path=tokenizer_dir)
+    prompt = "a red circle moves to the left"
+    assert tokenizer(prompt).input_ids == sp.encode(prompt) + [1]  # T5 appends </s>
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)) == (0, 1, sp.vocab_size() + 100)
+    assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == sp.vocab_size() + 99
+
+
+def test_broken_tokenizer_folders_name_the_cause(saved, tmp_path, spiece_model):
+    _, folder = saved
+    broken = tmp_path / "tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+    causes = [(lambda: None, "it has no vocabulary file .*; it holds tokenizer_config.json"),
+              (lambda: (broken / "spiece.model").write_bytes(b"not a model"),
+               rf"{broken / 'spiece.model'} is not a SentencePiece model"),
+              (lambda: ((broken / "spiece.model").write_bytes(spiece_model),
+                        (broken / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer",}')),
+               rf"{broken / 'tokenizer_config.json'}: invalid JSON at line 1, column 35")]
+    for make, cause in causes:
+        make()
+        with pytest.raises(ValueError, match=rf"^{broken}: the tokenizer cannot be loaded: {cause}"):
+            load_t5(folder / "text_encoder", tokenizer_path=broken)
+
+
+def phi_35_tokenizer_config() -> dict:
+    """Phi-3.5-mini-instruct's tokenizer_config.json: the Llama-2 SentencePiece model plus its chat tokens."""
+    chat = {32000: "<|endoftext|>", 32001: "<|assistant|>", 32002: "<|placeholder1|>", 32003: "<|placeholder2|>",
+            32004: "<|placeholder3|>", 32005: "<|placeholder4|>", 32006: "<|system|>", 32007: "<|end|>",
+            32008: "<|placeholder5|>", 32009: "<|placeholder6|>", 32010: "<|user|>"}
+    token = dict(lstrip=False, normalized=False, single_word=False, special=True)
+    decoder = {"0": {"content": "<unk>", "rstrip": False, **token}, "1": {"content": "<s>", "rstrip": False, **token},
+               "2": {"content": "</s>", "rstrip": True, **token, "special": False}}
+    decoder.update({str(i): {"content": t, "rstrip": i != 32000, **token} for i, t in chat.items()})
+    template = ("{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+                "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+                "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+                "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+    return {"add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<s>",
+            "chat_template": template, "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>",
+            "legacy": False, "model_max_length": 131072, "pad_token": "<|endoftext|>", "padding_side": "left",
+            "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
+            "use_default_system_prompt": False}
+
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+
+
+@pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set: the real tokenizers come from a ComfyUI checkout")
+def test_comfyui_tokenizers_load(tmp_path):
+    encoders = Path(COMFYUI) / "comfy" / "text_encoders"
+    t5 = load_tokenizer(encoders / "t5_tokenizer", model_type="t5")
+    reference = tokenizers.Tokenizer.from_file(str(encoders / "t5_tokenizer" / "tokenizer.json"))
+    prompt = "a red ball moves to the left"
+    assert t5(prompt).input_ids == reference.encode(prompt).ids and len(t5) == 32100
+    # The Llama-2 SentencePiece model, as Phi-3.5's tokenizer (its 32000 pieces, then the chat tokens). ComfyUI
+    # 0.3.64 ships it as Pile-T5's tokenizer; later versions under llama_tokenizer/.
+    sources = [encoders / "llama_tokenizer" / "tokenizer.model", encoders / "t5_pile_tokenizer" / "tokenizer.model"]
+    source = next((p for p in sources if p.is_file()), None)
+    if source is None:
+        pytest.skip(f"no Llama-2 SentencePiece model in {encoders} ({', '.join(p.parent.name for p in sources)})")
+    phi = tmp_path / "phi-3.5-mini"
+    phi.mkdir()
+    shutil.copy(source, phi / "tokenizer.model")
+    (phi / "tokenizer_config.json").write_text(json.dumps(phi_35_tokenizer_config()))
+    (phi / "config.json").write_text(json.dumps(PHI_35_MINI))
+    tokenizer, sp = load_tokenizer(phi), sentencepiece.SentencePieceProcessor(model_file=str(source))
+    assert tokenizer(prompt).input_ids == sp.encode(prompt) and sp.vocab_size() == 32000
+    assert tokenizer.convert_tokens_to_ids(["<|user|>", "<|end|>", "<|assistant|>"]) == [32010, 32007, 32001]
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (32000, 32000, 32011)
+    assert chat_template_parts(tokenizer) == ([32010], [32007, 32001])
 
 
 # ---- inspect ---------------------------------------------------------------------------------------------
