@@ -5,12 +5,17 @@ Layouts read here (safetensors only, never a download, never remote code unless 
   pipeline folder adds llm/ (a transformers folder with its tokenizer) and fuser.safetensors. A component path may
   be the root or the component's own subfolder.
 - ComfyUI-style single files with diffusers/transformers key names: the CogVideoX transformer (variant told from
-  weight shapes), the VAE, T5 (without the tied `encoder.embed_tokens.weight`). Files written by `save_single_file`
-  carry their config in the safetensors metadata and load at any size.
+  weight shapes), the VAE, T5 (without the tied `encoder.embed_tokens.weight`; ComfyUI's "scaled fp8" files load
+  as weight x scale). Files written by `save_single_file` carry their config in the safetensors metadata and load
+  at any size; a VAE file without it loads at the published size only (its norm groups leave no trace in the
+  weights), and `inspect` reports the channels of any other.
 - a transformers folder (T5 encoder or causal LM), and Mimir token-fuser files.
 
 Weights are read into models built with their parameters on the meta device, so a model never exists twice in
-memory; every tensor name and shape is checked first and mismatches are named.
+memory; every tensor name and shape is checked first and mismatches are named. Every bad file is named with its
+fault before its model is built: config JSON that does not parse (line, column), truncated or corrupt
+safetensors, a tokenizer that cannot load; a config field the model class does not know is a warning that names
+the nearest known field.
 """
 
 from __future__ import annotations
