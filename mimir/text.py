@@ -108,6 +108,7 @@ class LLMTextEncoder:
         if llm.config.hidden_size != config.llm_dim:
             raise ValueError(f"the fuser expects an LLM of hidden size {config.llm_dim}, but this LLM "
                              f"({type(llm).__name__}) has hidden size {llm.config.hidden_size}")
+        config.check_llm_depth(llm.config.num_hidden_layers)
         self.prefix, self.suffix = chat_template_parts(tokenizer)
 
     def _ids(self, text: str) -> list[int]:

@@ -130,3 +130,12 @@ def test_llm_with_wrong_hidden_size_is_refused():
     llm = tiny_llm(tok, hidden_size=48)
     with pytest.raises(ValueError, match="hidden size 3072.*has hidden size 48"):
         LLMTextEncoder(llm, tok, FuserConfig())
+
+
+def test_llm_hidden_layer_out_of_range_is_refused_before_encoding():
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok)  # 2 layers: hidden_states has 3 entries
+    LLMTextEncoder(llm, tok, llm_config(llm, llm_hidden_layer=-3))
+    with pytest.raises(ValueError, match=r"the fuser: llm_hidden_layer 3 is out of range for an LLM with 2 layers: "
+                                         r"its hidden_states has 3 entries, so the index must be in -3..2"):
+        LLMTextEncoder(llm, tok, llm_config(llm, llm_hidden_layer=3))
