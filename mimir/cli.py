@@ -18,9 +18,9 @@ def _generate_parser(sub) -> None:
                        description="Generate a video. With no model arguments it uses the bundled demo model.")
     p.add_argument("prompt")
     p.add_argument("--negative-prompt", default="", help="goes through the whole fuser, like the prompt")
-    p.add_argument("--frames", type=int, default=None, help="4k+1 (default: the model's training length)")
-    p.add_argument("--height", type=int, default=None, help="multiple of 16 (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="multiple of 16 (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="8k+1 (default: the variant's usual length, 49 or 81; the demo's 9)")
+    p.add_argument("--height", type=int, default=None, help="multiple of 16 (default: the variant's usual size, e.g. 480 x 720; 1.5: 768 x 1360)")
+    p.add_argument("--width", type=int, default=None, help="multiple of 16 (default: the variant's usual size, e.g. 480 x 720; 1.5: 768 x 1360)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; demo model 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale, 1 disables (default 6; demo model 2)")
@@ -51,12 +51,79 @@ def _generate_parser(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("mimir.mp4"))
 
 
+def _check_args(args) -> None:
+    """Every value refused before a model loads or a step runs, with what is allowed."""
+    import math
+
+    from .pipeline import check_video_size
+    from .video import SUPPORTED_EXTENSIONS
+
+    for name in ("prompt", "negative_prompt"):
+        try:
+            getattr(args, name).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"--{name.replace('_', '-')} is not valid UTF-8 text: {getattr(args, name)!r}") from None
+    if not args.prompt.strip():
+        print("mimir generate: warning: the prompt is empty: the video follows no text", file=sys.stderr)
+    if args.frames is not None or args.height is not None or args.width is not None:
+        check_video_size(*(v if v is not None else ok for v, ok in ((args.frames, 1), (args.height, 16),
+                                                                    (args.width, 16))))
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1.0):
+        raise ValueError(f"--guidance must be a finite number >= 1 (1 turns guidance off), got {args.guidance}")
+    if not 0 <= args.seed < 2 ** 64:
+        raise ValueError(f"--seed must be in 0 .. 2**64 - 1, got {args.seed}")
+    if args.fps < 1:
+        raise ValueError(f"--fps must be at least 1, got {args.fps}")
+    if args.blocks_to_swap < 0:
+        raise ValueError(f"--blocks-to-swap must be 0 or more, got {args.blocks_to_swap}")
+    if args.no_fuser and (args.fuser or args.llm):
+        raise ValueError("--no-fuser reads T5 alone: it cannot take --fuser or --llm")
+    if args.output.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        raise ValueError(f"-o {args.output}: unknown extension {args.output.suffix!r}, supported: "
+                         f"{', '.join(SUPPORTED_EXTENSIONS)}")
+    _check_writable(args.output)
+
+
+def _check_writable(output: Path) -> None:
+    """The output folder must exist and take a file: found out now, not after the whole generation."""
+    import tempfile
+
+    folder = output.parent
+    if not folder.is_dir():
+        raise ValueError(f"-o {output}: the folder {folder} does not exist")
+    if output.is_dir():
+        raise ValueError(f"-o {output}: that is a folder; give a file name such as {output / 'mimir.mp4'}")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # os.access says yes to root on a read-only mount
+    except OSError as exc:
+        raise ValueError(f"-o {output}: cannot write into {folder} ({exc.strerror})") from None
+
+
 def _resolve_device(args):
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for flag, name in (("--device", device), ("--offload-device", args.offload_device)):
+        _check_device(flag, name)
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     return device, dtype
+
+
+def _check_device(flag: str, name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{flag} {name!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: torch.backends.mps.is_available()}.get(device.type, lambda: False)()
+    if not available:
+        raise ValueError(f"{flag} {name}: this machine has no {device.type} device (this torch: {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}: there are {torch.cuda.device_count()} CUDA devices")
 
 
 def _load(args, device, dtype, cached: bool = False):
@@ -70,14 +137,15 @@ def _load(args, device, dtype, cached: bool = False):
                                 f"reinstall the package or pass --model")
     pipe = load_pipeline(folder, dtype=dtype, device=args.offload_device, placement=placement,
                          fuser_path=args.fuser, llm_path=args.llm, trust_remote_code=args.trust_remote_code,
-                         text_encoders=not cached)
-    if args.no_fuser:
-        pipe.fuser = pipe.llm = None
+                         text_encoders=not cached, with_fuser=not args.no_fuser)
+    scaling = pipe.vae.config.scaling_factor  # what the folder's transformer was trained with
     if args.transformer:
         text_len = pipe.fuser.config.out_len if pipe.fuser else pipe.text_len
-        pipe.transformer, _ = load_transformer(args.transformer, dtype=dtype, device=args.offload_device, text_len=text_len)
-    if args.vae:
-        pipe.vae, _ = load_vae(args.vae, dtype=dtype, device=args.offload_device)
+        pipe.transformer, info = load_transformer(args.transformer, dtype=dtype, device=args.offload_device,
+                                                  text_len=text_len)
+        scaling = info.vae_scaling_factor or scaling
+    if args.vae:  # a single file does not tell its scaling factor: the transformer's VAE's is the right one
+        pipe.vae, _ = load_vae(args.vae, dtype=dtype, device=args.offload_device, scaling_factor=scaling)
     pipe.use_scheduler(args.scheduler)
     _memory_options(args, pipe, device)
     return pipe, "demo" if folder == DEMO_MODEL_DIR else str(folder)
@@ -101,12 +169,12 @@ def _memory_options(args, pipe, device) -> None:
         compile_blocks(pipe.transformer)
 
 
-def _prompt_cache(args, prompts: list[str]):
+def _prompt_cache(args, prompts: list[str], dtype: str):
     """-> (cache, key identities, all prompts cached?) or None. Identities come from the model files, so a
     cached prompt needs neither T5 nor the LLM loaded."""
     from .fuser import read_fuser_config
     from .loading import pipeline_paths
-    from .prompt_cache import PromptCache, encoding_key_parts, model_identity
+    from .prompt_cache import PromptCache, encoding_key_parts, files_identity
 
     folder = _model_folder(args)
     if args.prompt_cache is None or folder is None or args.no_fuser:
@@ -115,7 +183,7 @@ def _prompt_cache(args, prompts: list[str]):
     if fuser_path is None:
         return None
     cache = PromptCache(args.prompt_cache or None)
-    ids = model_identity(root / "text_encoder") + model_identity(root / "tokenizer"), model_identity(llm_folder)
+    ids = files_identity([root / "text_encoder", root / "tokenizer"], dtype), files_identity([llm_folder], dtype)
     config = read_fuser_config(fuser_path)
     hit = all(cache.get(encoding_key_parts(p, *ids, config, args.seed)) is not None for p in prompts)
     return cache, ids, hit
@@ -134,11 +202,18 @@ def _encode(args, pipe, prompts: list[str], cached):
 
 
 def _defaults(args, pipe, name):
+    """Unset sizes: the published variant's usual size, else (the demo, custom models) the training size."""
+    from .loading import DEFAULT_VIDEO_SIZES, match_variant
+    from .pipeline import VAE_SPATIAL
+
     cfg = pipe.transformer.config
-    args.frames = args.frames or cfg.sample_frames
-    args.height = args.height or cfg.sample_height * 8
-    args.width = args.width or cfg.sample_width * 8
-    args.steps = args.steps or (DEMO_STEPS if name == "demo" else 50)
+    spatial = VAE_SPATIAL
+    trained = (cfg.sample_frames, cfg.sample_height * spatial, cfg.sample_width * spatial)
+    usual = DEFAULT_VIDEO_SIZES.get(match_variant(dict(cfg)), trained)
+    args.frames, args.height, args.width = (given if given is not None else default for given, default in
+                                            zip((args.frames, args.height, args.width), usual))
+    if args.steps is None:
+        args.steps = DEMO_STEPS if name == "demo" else 50
 
 
 def cmd_generate(args) -> int:
@@ -148,15 +223,14 @@ def cmd_generate(args) -> int:
     from .pipeline import check_video_size
     from .video import write_video
 
+    _check_args(args)
     device, dtype = _resolve_device(args)
     start = time.perf_counter()
-    if args.frames is not None or args.height is not None or args.width is not None:
-        check_video_size(args.frames or 49, args.height or 480, args.width or 720)  # fail before loading models
     if args.guidance is None:
         args.guidance = DEMO_GUIDANCE if _model_folder(args) == DEMO_MODEL_DIR else 6.0
     guided = args.guidance > 1.0
     prompts = [args.negative_prompt, args.prompt] if guided else [args.prompt]
-    cached = _prompt_cache(args, prompts)
+    cached = _prompt_cache(args, prompts, dtype)
     pipe, name = _load(args, device, dtype, cached=bool(cached and cached[2]))
     _defaults(args, pipe, name)
     check_video_size(args.frames, args.height, args.width)
@@ -168,7 +242,7 @@ def cmd_generate(args) -> int:
     bar.close()
     frames = pipe.decode(latents, tiling=args.tiling, slicing=args.slicing)
     write_video(frames[0], args.output, fps=args.fps)
-    print(f"wrote {args.output} ({args.frames} frames, {args.width}x{args.height}, model: {name}, "
+    print(f"wrote {args.output} ({frames.shape[1]} frames, {args.width}x{args.height}, model: {name}, "
           f"{time.perf_counter() - start:.1f} s)")
     return 0
 
@@ -190,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train a fuser + DiT (see `mimir train --help`)", add_help=False)
     sub.add_parser("cache", help="precompute VAE latents and text features (see `mimir cache --help`)", add_help=False)
     if argv[:1] in (["train"], ["cache"]):  # these parse their own options
-        from . import train
-
+        try:
+            from . import train
+        except ModuleNotFoundError as exc:
+            print(f"mimir {argv[0]}: error: {exc.name} is not installed: training needs the train extra, "
+                  f"pip install \"mimir-video[train]\" (or -e \".[train]\" in a clone)", file=sys.stderr)
+            return 2
         return (train.main_train if argv[0] == "train" else train.main_cache)(argv[1:])
     args = parser.parse_args(argv)
     try:

@@ -55,12 +55,23 @@ class FuserConfig:
     def out_len(self) -> int:
         return self.text_len + self.stabilizer_tokens
 
+    def check_llm_depth(self, num_hidden_layers: int, where: str = "the fuser") -> None:
+        """llm_hidden_layer indexes the LLM's hidden_states (the embeddings, then one entry per layer): refuse
+        an index out of range before any text is encoded."""
+        n = num_hidden_layers + 1
+        if not -n <= self.llm_hidden_layer < n:
+            raise ValueError(f"{where}: llm_hidden_layer {self.llm_hidden_layer} is out of range for an LLM with "
+                             f"{num_hidden_layers} layers: its hidden_states has {n} entries, so the index must be "
+                             f"in {-n}..{n - 1}")
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> FuserConfig:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"the fuser config must be a JSON object, not {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -144,7 +155,10 @@ def read_fuser_config(path) -> FuserConfig:
         raise ValueError(f"{path}: not a readable .safetensors file ({exc})") from exc
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise ValueError(f"{path}: not a Mimir token-fuser file (its safetensors metadata has no fuser config)")
-    return FuserConfig.from_json(metadata["config"])
+    try:
+        return FuserConfig.from_json(metadata["config"])
+    except (ValueError, TypeError) as exc:  # invalid JSON (with its line and column), unknown or invalid fields
+        raise ValueError(f"{path}: the fuser config in its metadata is not valid: {exc}") from exc
 
 
 def load_fuser(path, device="cpu", dtype: torch.dtype = torch.float32) -> TokenFuser:

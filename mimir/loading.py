@@ -5,18 +5,24 @@ Layouts read here (safetensors only, never a download, never remote code unless 
   pipeline folder adds llm/ (a transformers folder with its tokenizer) and fuser.safetensors. A component path may
   be the root or the component's own subfolder.
 - ComfyUI-style single files with diffusers/transformers key names: the CogVideoX transformer (variant told from
-  weight shapes), the VAE, T5 (without the tied `encoder.embed_tokens.weight`). Files written by `save_single_file`
-  carry their config in the safetensors metadata and load at any size.
+  weight shapes), the VAE, T5 (without the tied `encoder.embed_tokens.weight`; ComfyUI's "scaled fp8" files load
+  as weight x scale). Files written by `save_single_file` carry their config in the safetensors metadata and load
+  at any size; a VAE file without it loads at the published size only (its norm groups leave no trace in the
+  weights), and `inspect` reports the channels of any other.
 - a transformers folder (T5 encoder or causal LM), and Mimir token-fuser files.
 
 Weights are read into models built with their parameters on the meta device, so a model never exists twice in
-memory; every tensor name and shape is checked first and mismatches are named.
+memory; every tensor name and shape is checked first and mismatches are named. Every bad file is named with its
+fault before its model is built: config JSON that does not parse (line, column), truncated or corrupt
+safetensors, a tokenizer that cannot load; a config field the model class does not know is a warning that names
+the nearest known field.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect as pyinspect
 import json
 import logging
@@ -24,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sentencepiece
 import torch
 import transformers
 from diffusers import (
@@ -77,6 +84,10 @@ TRANSFORMER_CONFIGS = {
     "1.5": _COGVIDEOX_15,
     "1.5-i2v": {**_COGVIDEOX_15, "in_channels": 32, "ofs_embed_dim": 512},
 }
+# What a variant is used at: (frames, height, width). The transformer's sample size is not it for 1.5
+# (300 x 300 latents = 2400 x 2400 px); the T2V 1.5 model is used at 1360 x 768 with 81 frames.
+DEFAULT_VIDEO_SIZES = {"2b": (49, 480, 720), "5b": (49, 480, 720), "5b-i2v": (49, 480, 720), "1.5": (81, 768, 1360),
+                       "1.5-i2v": (81, 768, 1360)}
 VAE_SCALING_FACTORS = {"2b": 1.15258426, "5b": 0.7, "5b-i2v": 0.7, "1.5": 0.7, "1.5-i2v": 0.7}
 # The CogVideoX VAE (all variants share its weights' shapes; only the scaling factor differs).
 VAE_CONFIG = dict(
@@ -129,6 +140,87 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# ---- reading files ---------------------------------------------------------------------------------------
+
+_JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def parse_json_object(text: str, where) -> dict:
+    """A JSON object ({...}) from text, else a ValueError naming `where` and the fault (line and column)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object ({{...}}), found {_JSON_TYPES.get(type(data), 'JSON')}")
+    return data
+
+
+def read_json(file: Path) -> dict:
+    """A config file's JSON object; every fault (not UTF-8, invalid JSON, not an object) names the file."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return parse_json_object(text, file)
+
+
+# Fields published configs carry besides their class's own: bookkeeping (as are all keys starting with "_", such
+# as _class_name and _name_or_path), transformers' older names (torch_dtype became dtype; rope_theta and
+# rope_scaling became rope_parameters in v5), and T5's output_past and Phi-3's attention_bias, which only the
+# models' original code read.
+_BOOKKEEPING_FIELDS = frozenset({"architectures", "auto_map", "model_type", "transformers_version", "torch_dtype",
+                                 "rope_theta", "rope_scaling", "output_past", "attention_bias"})
+
+
+def config_fields(cls) -> set[str]:
+    """The fields a config of `cls` may hold: a diffusers class's __init__ parameters; for a transformers
+    config class its fields, their aliases and the generation settings older configs carry."""
+    if issubclass(cls, transformers.PretrainedConfig):
+        fields = set(cls().to_dict()) | set(cls.attribute_map) | set(transformers.GenerationConfig().to_dict())
+    else:
+        fields = set(pyinspect.signature(cls.__init__).parameters) - {"self"}
+    return fields | _BOOKKEEPING_FIELDS
+
+
+def warn_unknown_fields(config: dict, cls, where) -> list[str]:
+    """Log each field `cls` does not know, naming the nearest known one: a typo such as
+    use_rotary_positional_embedding would otherwise build another architecture from the defaults.
+    Returns the unknown fields."""
+    known = config_fields(cls)
+    unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
+    for name in unknown:
+        near = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; the nearest known field is {near[0]!r}" if near else ""
+        logger.warning("%s: unknown field %r (%s has no such field, so it is ignored)%s", where, name,
+                       cls.__name__, hint)
+    return unknown
+
+
+def safetensors_fault(file: Path) -> str:
+    """What is wrong with a file safetensors cannot open, told from its header: truncated (an interrupted
+    download or copy) or not a safetensors file at all."""
+    if not file.is_file():
+        return "no such file"
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if size < 8 or header_len > 100_000_000:  # safetensors refuses larger headers
+            return "corrupt: not a .safetensors file"
+        if size < 8 + header_len:
+            return f"truncated: {size} bytes, cut inside its {header_len}-byte header"
+        header = f.read(header_len)
+    try:
+        ends = [e["data_offsets"][1] for k, e in json.loads(header).items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "corrupt: not a .safetensors file (its header is not a safetensors header)"
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size} bytes, but its header describes {expected} (an incomplete download or copy?)"
+    return "corrupt: not a readable .safetensors file"
+
+
 # ---- safetensors weights ---------------------------------------------------------------------------------
 
 @dataclass
@@ -139,6 +231,7 @@ class _Weights:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]  # safetensors dtype names: "F32", "BF16", ...
     metadata: dict[str, str] = field(default_factory=dict)  # of the first file
+    scales: dict[str, tuple[Path, str]] = field(default_factory=dict)  # scaled-fp8 weight key -> its scale
 
     @classmethod
     def read(cls, files: list[Path]) -> _Weights:
@@ -154,8 +247,25 @@ class _Weights:
                         weights.shapes[key] = tuple(tensor.get_shape())
                         weights.dtypes[key] = tensor.get_dtype()
             except Exception as exc:  # safetensors raises its own error types for corrupt and truncated files
-                raise ValueError(f"{file}: not a readable .safetensors file ({exc})") from exc
+                raise ValueError(f"{file}: {safetensors_fault(file)} ({exc})") from exc
+        weights.read_scaled_fp8()
         return weights
+
+    def read_scaled_fp8(self) -> None:
+        """ComfyUI's "scaled fp8" files (a `scaled_fp8` marker; fp8 Linear weights, each with a `scale_weight`
+        and a `scale_input`) hold weight / scale_weight: they load as weight * scale_weight, as ComfyUI computes
+        them. scale_input only serves ComfyUI's fp8 matrix products."""
+        if "scaled_fp8" not in self.sources:
+            return
+        self.pop("scaled_fp8")
+        for key in [k for k in self.sources if k.endswith((".scale_weight", ".scale_input"))]:
+            source = self.pop(key)
+            if key.endswith(".scale_weight"):
+                self.scales[key.removesuffix("scale_weight") + "weight"] = source
+
+    def pop(self, key: str) -> tuple[Path, str]:
+        del self.shapes[key], self.dtypes[key]
+        return self.sources.pop(key)
 
     def alias(self, key: str, source_key: str) -> None:
         """Make `key` read the same tensor as `source_key` (a tied weight the file stores once)."""
@@ -164,7 +274,7 @@ class _Weights:
 
     def drop(self, prefixes: tuple[str, ...]) -> None:
         for key in [k for k in self.sources if k.startswith(prefixes)]:
-            del self.sources[key], self.shapes[key], self.dtypes[key]
+            self.pop(key)
 
     def stored_dtype(self) -> torch.dtype:
         """The floating dtype holding most of the weights; float8 storage computes in bfloat16."""
@@ -179,12 +289,14 @@ class _Weights:
 
     def load(self) -> dict[str, torch.Tensor]:
         by_file: dict[Path, set[str]] = {}
-        for file, name in self.sources.values():
+        for file, name in [*self.sources.values(), *self.scales.values()]:
             by_file.setdefault(file, set()).add(name)
         tensors = {}
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt") as f:
                 tensors.update({(file, name): f.get_tensor(name) for name in names})
+        for key, scale in self.scales.items():  # in fp32: the caller casts to the dtype the model computes in
+            tensors[self.sources[key]] = tensors[self.sources[key]].float() * tensors[scale].float()
         return {key: tensors[source] for key, source in self.sources.items()}  # aliases share one tensor
 
 
@@ -213,7 +325,9 @@ def _weight_files(folder: Path) -> list[Path]:
     """The safetensors file of a diffusers/transformers component folder, or the shards its index names."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        weight_map = read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{indexes[0]}: no weight_map (tensor name -> shard file) in this index")
         return [folder / name for name in sorted(set(weight_map.values()))]
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
@@ -323,14 +437,15 @@ def _expect_kind(weights: _Weights, path: Path, kind: str) -> None:
         raise ValueError(f"{path}: expected a {kind} single file, but it holds {what}")
 
 
-def _metadata_config(weights: _Weights, path: Path) -> dict | None:
+def _metadata_config(weights: _Weights, path: Path, cls) -> dict | None:
+    """The config a file written by save_single_file carries in its safetensors metadata (None without)."""
     text = weights.metadata.get("config")
     if text is None:
         return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: the 'config' in its safetensors metadata is not valid JSON ({exc})") from exc
+    where = f"{path} (the config in its safetensors metadata)"
+    config = parse_json_object(text, where)
+    warn_unknown_fields(config, cls, where)
+    return config
 
 
 def _component_folder(path: Path, subfolder: str, accepts, what: str, config_name: str = "config.json"):
@@ -338,7 +453,7 @@ def _component_folder(path: Path, subfolder: str, accepts, what: str, config_nam
     for folder in (path / subfolder, path):
         file = folder / config_name
         if file.is_file():
-            config = json.loads(file.read_text())
+            config = read_json(file)
             if accepts(config):
                 return folder, config
     raise ValueError(f"{path}: not a {what}: expected a .safetensors file, a diffusers pipeline folder with "
@@ -384,7 +499,7 @@ def _find_transformer(path: Path):
     if path.is_file():
         weights = _single_file(path)
         _expect_kind(weights, path, "transformer")
-        config = _metadata_config(weights, path)
+        config = _metadata_config(weights, path, CogVideoXTransformer3DModel)
         if config is None:
             config = transformer_config_from_shapes(weights.shapes, str(path))[1]
         config = _full_config(CogVideoXTransformer3DModel, config)
@@ -393,10 +508,11 @@ def _find_transformer(path: Path):
         return "single-file", path, config, weights, scaling
     folder, config = _component_folder(path, "transformer", _is_class("CogVideoXTransformer3DModel"),
                                        "CogVideoX transformer")
+    warn_unknown_fields(config, CogVideoXTransformer3DModel, folder / "config.json")
     config = _full_config(CogVideoXTransformer3DModel, config)
     vae_config = folder.parent / "vae" / "config.json"
     if folder.name == "transformer" and vae_config.is_file():
-        scaling = _full_config(AutoencoderKLCogVideoX, json.loads(vae_config.read_text()))["scaling_factor"]
+        scaling = _full_config(AutoencoderKLCogVideoX, read_json(vae_config))["scaling_factor"]
     else:
         scaling = VAE_SCALING_FACTORS.get(match_variant(config))
     return "diffusers-folder", folder, config, _Weights.read(_weight_files(folder)), scaling
@@ -450,33 +566,46 @@ def _find_vae(path: Path):
     if path.is_file():
         weights = _single_file(path)
         _expect_kind(weights, path, "vae")
-        config = _metadata_config(weights, path)
+        config = _metadata_config(weights, path, AutoencoderKLCogVideoX)
         if config is None:
-            _check_published_vae(weights.shapes, path)
-            config = VAE_CONFIG
+            config = _vae_config_of_file(weights.shapes, path)
         return "single-file", path, _full_config(AutoencoderKLCogVideoX, config), weights
     folder, config = _component_folder(path, "vae", _is_class("AutoencoderKLCogVideoX"), "CogVideoX VAE")
+    warn_unknown_fields(config, AutoencoderKLCogVideoX, folder / "config.json")
     return "diffusers-folder", folder, _full_config(AutoencoderKLCogVideoX, config), \
         _Weights.read(_weight_files(folder))
 
 
-def _check_published_vae(shapes: dict[str, tuple], path: Path) -> None:
-    """A VAE file without config metadata must have the shapes of the published CogVideoX VAE."""
-    c = VAE_CONFIG
-    expected = {"encoder.conv_in.conv.weight": (c["block_out_channels"][0], c["in_channels"], 3, 3, 3),
-                "decoder.conv_in.conv.weight": (c["block_out_channels"][-1], c["latent_channels"], 3, 3, 3)}
-    found = {k: tuple(shapes.get(k, ())) for k in expected}
-    if found != expected:
-        raise ValueError(f"{path}: unknown VAE: " + ", ".join(f"{k} has shape {list(v)}" for k, v in found.items())
-                         + "; the CogVideoX VAE has " + ", ".join(str(list(v)) for v in expected.values())
-                         + ". Files written by mimir's save_single_file carry their own config.")
+def vae_config_from_shapes(shapes: dict[str, tuple], where: str = "checkpoint") -> dict:
+    """The config fields a CogVideoX VAE's weight shapes tell: its channels and depth."""
+    blocks = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down_blocks.")})
+    widths = [f"encoder.down_blocks.{i}.resnets.0.conv2.conv.weight" for i in blocks]
+    ends = ["encoder.conv_in.conv.weight", "decoder.conv_in.conv.weight", "decoder.conv_out.conv.weight"]
+    missing = [k for k in ends + widths if k not in shapes]
+    if missing:
+        raise ValueError(f"{where}: cannot tell this VAE's size from its weights: it has no {_few(missing, 3)}")
+    resnets = {k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.resnets.")}
+    return dict(in_channels=shapes[ends[0]][1], latent_channels=shapes[ends[1]][1], out_channels=shapes[ends[2]][0],
+                block_out_channels=[shapes[k][0] for k in widths], layers_per_block=len(resnets))
+
+
+def _vae_config_of_file(shapes: dict[str, tuple], path: Path) -> dict:
+    """The published VAE's config when the shapes are its; else what the shapes tell, with None for what no
+    shape depends on (norm groups, temporal compression, scaling factor)."""
+    found = vae_config_from_shapes(shapes, str(path))
+    published = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in VAE_CONFIG.items() if k in found}
+    if found == published:
+        return VAE_CONFIG
+    return {**found, "norm_num_groups": None, "temporal_compression_ratio": None, "scaling_factor": None}
 
 
 def _vae_info(layout, path, config, dtype) -> ComponentInfo:
     dims = dict(latent_channels=config["latent_channels"], block_out_channels=list(config["block_out_channels"]),
                 layers_per_block=config["layers_per_block"],
                 temporal_compression_ratio=config["temporal_compression_ratio"])
-    return ComponentInfo("vae", layout, None, dims, _dtype_name(dtype), str(path), float(config["scaling_factor"]))
+    scaling = config["scaling_factor"]
+    return ComponentInfo("vae", layout, None, dims, _dtype_name(dtype), str(path),
+                         None if scaling is None else float(scaling))
 
 
 def load_vae(path, dtype=None, device="cpu", scaling_factor: float | None = None):
@@ -484,6 +613,12 @@ def load_vae(path, dtype=None, device="cpu", scaling_factor: float | None = None
     VAE, whose scaling factor the weights do not tell (2B 1.15258426, 5B/1.5 0.7): pass `scaling_factor` (the
     transformer's ComponentInfo.vae_scaling_factor), else diffusers' default 1.15258426 is used."""
     layout, where, config, weights = _find_vae(_existing(path))
+    if config["norm_num_groups"] is None:
+        raise ValueError(f"{where}: a CogVideoX VAE of other size than the published one (block_out_channels "
+                         f"{list(config['block_out_channels'])}, latent_channels {config['latent_channels']}): its "
+                         f"norm groups and temporal compression are not in its weights, so this file alone cannot "
+                         f"build it. Load its diffusers folder (config.json beside the weights), or a file written "
+                         f"by mimir's save_single_file, which carries its config")
     if scaling_factor is not None:
         config = {**config, "scaling_factor": float(scaling_factor)}
     model = _build(lambda: AutoencoderKLCogVideoX.from_config(config), weights, dtype, device, str(where))
@@ -522,7 +657,7 @@ def _find_t5(path: Path):
         weights = _single_file(path)
         _expect_kind(weights, path, "t5")
         weights = _t5_weights(weights)
-        config = _metadata_config(weights, path)
+        config = _metadata_config(weights, path, T5Config)
         if config is not None:
             config = T5Config.from_dict(config)
         elif "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in weights.shapes:
@@ -532,13 +667,15 @@ def _find_t5(path: Path):
                              f"relative_attention_bias to tell its size")
         return "single-file", path, config, weights, None
     folder, config = _component_folder(path, "text_encoder", lambda c: c.get("model_type") == "t5", "T5 encoder")
+    warn_unknown_fields(config, T5Config, folder / "config.json")
     tokenizer_dir = next((d for d in (folder.parent / "tokenizer", folder) if _has_tokenizer(d)), None)
     return "transformers-folder", folder, T5Config.from_dict(config), \
         _t5_weights(_Weights.read(_weight_files(folder))), tokenizer_dir
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model"))
+    names = ("tokenizer.json", "tokenizer_config.json", *_SENTENCEPIECE_FILES)
+    return any((folder / name).is_file() for name in names)
 
 
 def _t5_info(layout, path, config: T5Config, dtype) -> ComponentInfo:
@@ -555,7 +692,7 @@ def load_t5(path, tokenizer_path=None, dtype=None, device="cpu"):
         raise ValueError(f"{where}: no T5 tokenizer found beside it: pass tokenizer_path (a tokenizer folder)")
     if not _has_tokenizer(tokenizer_dir):
         raise ValueError(f"{tokenizer_dir}: no tokenizer here (no tokenizer.json, tokenizer_config.json or spiece.model)")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tokenizer = load_tokenizer(tokenizer_dir, model_type="t5")
     model = _build(lambda: T5EncoderModel(config), weights, dtype, device, str(where))
     model.set_input_embeddings(model.shared)  # the encoder reads the shared table; keep them one tensor
     return model, tokenizer, _t5_info(layout, where, config, model.dtype)
@@ -567,16 +704,23 @@ def load_t5(path, tokenizer_path=None, dtype=None, device="cpu"):
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
-def _find_llm(path: Path) -> tuple[Path, dict]:
+def _find_llm(path: Path) -> tuple[Path, dict, _Weights]:
     if path.is_file():
         raise ValueError(f"{path}: an LLM must be a transformers folder (config.json, tokenizer, *.safetensors), "
                          f"not a single file")
     for folder in (path / "llm", path):
         if (folder / "config.json").is_file():
-            _weight_files(folder)  # refuses pickle-only folders before transformers looks at them
-            return folder, json.loads((folder / "config.json").read_text())
+            # refuses pickle-only folders and truncated weights before transformers looks at them
+            weights = _Weights.read(_weight_files(folder))
+            return folder, read_json(folder / "config.json"), weights
     raise ValueError(f"{path}: not an LLM folder: expected a transformers folder with config.json (or a Mimir "
                      f"pipeline folder with llm/)")
+
+
+def _warn_unknown_llm_fields(folder: Path, config: dict) -> None:
+    model_type = config.get("model_type")
+    if model_type in transformers.CONFIG_MAPPING:  # a remote-code model's fields are its code's
+        warn_unknown_fields(config, transformers.CONFIG_MAPPING[model_type], folder / "config.json")
 
 
 def _llm_dims(config: dict) -> dict:
@@ -587,15 +731,56 @@ def _llm_dims(config: dict) -> dict:
 
 def load_llm(path, dtype=None, device="cpu", trust_remote_code: bool = False):
     """-> (causal LM, tokenizer, ComponentInfo) from a transformers folder. dtype None keeps the stored dtype."""
-    folder, config = _find_llm(_existing(path))
+    folder, config, _ = _find_llm(_existing(path))
+    _warn_unknown_llm_fields(folder, config)
     dtype = resolve_dtype(dtype)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)  # fails before the weights load
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), **{_DTYPE_KWARG: dtype or "auto"}, use_safetensors=True, local_files_only=True,
         trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
     model = model.to(device).eval()
     info = ComponentInfo("llm", "transformers-folder", None, _llm_dims(config), _dtype_name(model.dtype), str(folder))
     return model, tokenizer, info
+
+
+# ---- tokenizers ------------------------------------------------------------------------------------------
+
+_SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
+# A tokenizer's vocabulary is in one of these (transformers builds an empty tokenizer from a config alone).
+_VOCABULARY_FILES = ("tokenizer.json", "tekken.json", "*.model", "*.tiktoken", "*.spm", "vocab.*", "merges.txt")
+
+
+def load_tokenizer(folder: Path, model_type: str | None = None, trust_remote_code: bool = False):
+    """A folder's tokenizer, or a ValueError naming the folder and the cause. `model_type` ("t5") tells the
+    class of a folder that does not name it: the published CogVideoX tokenizer/ may hold only spiece.model."""
+    if not any(any(folder.glob(pattern)) for pattern in _VOCABULARY_FILES):
+        present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise ValueError(f"{folder}: the tokenizer cannot be loaded: it has no vocabulary file (tokenizer.json, "
+                         f"spiece.model, tokenizer.model, ...); it holds {present}")
+    named = any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "config.json"))
+    hint = {"tokenizer_type": model_type} if model_type and not named else {}
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code,
+                                             **hint)
+    except Exception as exc:  # transformers' messages name neither the folder nor the file at fault
+        raise ValueError(f"{folder}: the tokenizer cannot be loaded: {_tokenizer_fault(folder) or exc}") from exc
+
+
+def _tokenizer_fault(folder: Path) -> str | None:
+    """The broken file of a tokenizer folder (a JSON file, a SentencePiece model), if one is."""
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json"):
+        if (folder / name).is_file():
+            try:
+                read_json(folder / name)
+            except ValueError as exc:
+                return str(exc)
+    for name in _SENTENCEPIECE_FILES:
+        if (folder / name).is_file():
+            try:
+                sentencepiece.SentencePieceProcessor(model_file=str(folder / name))
+            except Exception as exc:  # sentencepiece raises RuntimeError or OSError by version
+                return f"{folder / name} is not a SentencePiece model ({exc})"
+    return None
 
 
 # ---- fuser -----------------------------------------------------------------------------------------------
@@ -633,21 +818,26 @@ def load_scheduler(path_or_kind, variant: str = "5b", kind: str | None = None):
     if kind is not None:
         if kind.lower() not in SCHEDULERS:
             raise ValueError(f"unknown scheduler kind {kind!r}; expected one of {list(SCHEDULERS)}")
-        return SCHEDULERS[kind.lower()].from_config(config)
-    if config.get("_class_name") not in classes:
+        cls = SCHEDULERS[kind.lower()]
+    elif config.get("_class_name") in classes:
+        cls = classes[config["_class_name"]]
+    else:
         raise ValueError(f"{folder}: scheduler class {config.get('_class_name')!r} is not supported; "
                          f"expected one of {list(classes)}")
-    return classes[config["_class_name"]].from_config(config)
+    unknown = warn_unknown_fields(config, cls, folder / "scheduler_config.json")
+    return cls.from_config({k: v for k, v in config.items() if k not in unknown})  # diffusers would warn again
 
 
 # ---- pipeline --------------------------------------------------------------------------------------------
 
 def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None = None, fuser_path=None,
-                  llm_path=None, trust_remote_code: bool = False, text_encoders: bool = True) -> MimirPipeline:
+                  llm_path=None, trust_remote_code: bool = False, text_encoders: bool = True,
+                  with_fuser: bool = True) -> MimirPipeline:
     """A MimirPipeline from a diffusers CogVideoX folder, plus llm/ and fuser.safetensors when present (or the
-    paths given). Without a fuser it is plain CogVideoX. Models wait on the placement's offload device (default:
-    `device`). text_encoders=False skips T5 and the LLM (for prompts already encoded, e.g. cached)."""
-    root, fuser_path, llm_folder = pipeline_paths(folder, fuser_path, llm_path)
+    paths given). Without a fuser it is plain CogVideoX; with_fuser=False reads neither the fuser nor the LLM of
+    a Mimir folder (T5 only). Models wait on the placement's offload device (default: `device`).
+    text_encoders=False skips T5 and the LLM (for prompts already encoded, e.g. cached)."""
+    root, fuser_path, llm_folder = pipeline_paths(folder, fuser_path, llm_path, with_fuser)
     placement = placement or Placement(device, device)
     where = placement.offload_device
     fuser = llm = llm_tokenizer = text_encoder = tokenizer = None
@@ -665,13 +855,17 @@ def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None 
                          placement)
 
 
-def pipeline_paths(folder, fuser_path=None, llm_path=None) -> tuple[Path, Path | None, Path | None]:
-    """-> (pipeline root, fuser file or None, LLM folder or None), checked without loading any weights."""
+def pipeline_paths(folder, fuser_path=None, llm_path=None,
+                   with_fuser: bool = True) -> tuple[Path, Path | None, Path | None]:
+    """-> (pipeline root, fuser file or None, LLM folder or None), checked without loading any weights.
+    with_fuser=False: the T5-only reading of the folder (no fuser, no LLM)."""
     root = _existing(folder)
     missing = [name for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
                if not (root / name).is_dir()]
     if missing:
         raise ValueError(f"{root}: not a CogVideoX pipeline folder: it lacks {', '.join(s + '/' for s in missing)}")
+    if not with_fuser:
+        return root, None, None
     fuser_path = _existing(fuser_path) if fuser_path is not None else root / FUSER_FILE
     fuser_path = fuser_path if fuser_path.exists() else None
     return root, fuser_path, _mimir_llm(root, fuser_path, llm_path)
@@ -684,11 +878,14 @@ def _mimir_llm(root: Path, fuser_path: Path | None, llm_path) -> Path | None:
             raise ValueError(f"an LLM was given ({llm_path}) but there is no fuser: {root / FUSER_FILE} is absent "
                              f"and no fuser_path was given")
         return None
-    llm_folder, config = _find_llm(_existing(llm_path) if llm_path is not None else root)
-    llm_dim, hidden = read_fuser_config(fuser_path).llm_dim, _llm_dims(config)["hidden_size"]
-    if llm_dim != hidden:
-        raise ValueError(f"{fuser_path}: the fuser was made for an LLM of hidden size {llm_dim} (llm_dim), but "
-                         f"{llm_folder} has hidden size {hidden}")
+    llm_folder, config, _ = _find_llm(_existing(llm_path) if llm_path is not None else root)
+    _single_file(fuser_path)  # names a truncated or corrupt fuser file as such
+    fuser_config, dims = read_fuser_config(fuser_path), _llm_dims(config)
+    if fuser_config.llm_dim != dims["hidden_size"]:
+        raise ValueError(f"{fuser_path}: the fuser was made for an LLM of hidden size {fuser_config.llm_dim} "
+                         f"(llm_dim), but {llm_folder} has hidden size {dims['hidden_size']}")
+    if dims["num_hidden_layers"] is not None:
+        fuser_config.check_llm_depth(dims["num_hidden_layers"], f"{fuser_path} (with the LLM {llm_folder})")
     return llm_folder
 
 
@@ -758,7 +955,7 @@ def inspect(path) -> dict:
         return _inspect_pipeline(path)
     if (path / "scheduler_config.json").is_file():
         return _describe_scheduler(path)
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     if config.get("_class_name") == "CogVideoXTransformer3DModel":
         return _describe_transformer(path)
     if config.get("_class_name") == "AutoencoderKLCogVideoX":
@@ -802,9 +999,10 @@ def _describe_t5(path: Path) -> dict:
 
 
 def _describe_llm(path: Path) -> dict:
-    folder, config = _find_llm(path)
-    dtype = _Weights.read(_weight_files(folder)).stored_dtype()
-    out = ComponentInfo("llm", "transformers-folder", None, _llm_dims(config), _dtype_name(dtype), str(folder))
+    folder, config, weights = _find_llm(path)
+    _warn_unknown_llm_fields(folder, config)
+    dims, dtype = _llm_dims(config), _dtype_name(weights.stored_dtype())
+    out = ComponentInfo("llm", "transformers-folder", None, dims, dtype, str(folder))
     return {**out.to_dict(), "tokenizer": str(folder) if _has_tokenizer(folder) else None}
 
 

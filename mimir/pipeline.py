@@ -7,14 +7,17 @@ order [B, T, C, H, W] and in diffusion space (VAE latents times the VAE scaling 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from diffusers.utils.torch_utils import randn_tensor
+from einops import rearrange
 
 from .fuser import FuserConfig
 from .offload import Placement, module_dtype
@@ -28,12 +31,60 @@ SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
 
 def check_video_size(num_frames: int, height: int, width: int) -> None:
-    """CogVideoX's VAE compresses 4 frames and 8x8 pixels, and the DiT patches 2x2 latents."""
-    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL:
-        raise ValueError(f"frames must be 4k+1 (1, 5, 9, ..., 49), got {num_frames}")
+    """CogVideoX's VAE compresses 4 frames and 8x8 pixels, and the DiT patches 2x2 latents. Its decoder reads
+    latent frames in pairs after the first, so only an odd latent count decodes to 4(T-1)+1 frames: an even
+    one gives 3 frames more (5 -> 8, 13 -> 16), hence 8k+1."""
+    if num_frames < 1 or (num_frames - 1) % (2 * VAE_TEMPORAL):
+        raise ValueError(f"frames must be 8k+1 (1, 9, 17, ..., 49, ..., 81), got {num_frames}: CogVideoX's VAE "
+                         f"decodes other counts to 3 frames more")
     for name, size in (("height", height), ("width", width)):
         if size <= 0 or size % 16:
             raise ValueError(f"{name} must be a positive multiple of 16, got {size}")
+
+
+def check_steps(steps: int, strength: float = 1.0) -> None:
+    """Denoising steps and the strength of a video-to-video run, checked before any model runs."""
+    if isinstance(steps, bool) or steps != int(steps) or steps < 1:
+        raise ValueError(f"steps must be a whole number of at least 1, got {steps!r}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"denoise strength must be in (0, 1], got {strength}")
+
+
+@dataclass(eq=False)
+class TextStream:
+    """One text conditioning entry as ComfyUI's samplers read one: a stream [B, n, D], its weight among the
+    entries active at a step, and the part of sampling it is active in, in ComfyUI's start_percent /
+    end_percent (0 is the start of sampling, the most noise; 1 its end)."""
+    tokens: torch.Tensor
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        if not math.isfinite(self.strength) or self.strength < 0:
+            raise ValueError(f"strength must be a finite number >= 0, got {self.strength}")
+        for name in ("start", "end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} percent must be in [0, 1], got {getattr(self, name)}")
+
+    def active(self, timestep: float, last_timestep: int) -> bool:
+        """As ComfyUI's get_area_and_mult: active from `start` to `end`, both ends included."""
+        return _percent_timestep(self.end, last_timestep) <= timestep <= _percent_timestep(self.start, last_timestep)
+
+
+def _percent_timestep(percent: float, last_timestep: int) -> float:
+    """ComfyUI's percent_to_sigma for discrete-time models, as a timestep (sigma grows with the timestep, so the
+    order is the same): percent p is timestep (1 - p) x last; 0 lies above every step and 1 below every step."""
+    if percent <= 0.0:
+        return math.inf
+    if percent >= 1.0:
+        return -math.inf
+    return (1.0 - percent) * last_timestep
+
+
+def text_streams(text: torch.Tensor | Sequence[TextStream]) -> list[TextStream]:
+    """A plain tensor is one entry of strength 1 over the whole of sampling."""
+    return [TextStream(text)] if torch.is_tensor(text) else list(text)
 
 
 def rotary_embeddings(cfg, height: int, width: int, latent_frames: int, device):
@@ -134,30 +185,34 @@ class MimirPipeline:
     def _timesteps(self, steps: int, strength: float, device):
         self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
-        start = steps - min(int(round(steps * strength)), steps)
+        # at least one step: round(steps x strength) is 0 for e.g. 50 steps at strength 0.01
+        start = steps - max(1, min(int(round(steps * strength)), steps))
         return timesteps[start * self.scheduler.order:]
 
     @torch.no_grad()
-    def denoise(self, cond: torch.Tensor, uncond: torch.Tensor | None, num_frames: int = 49, height: int = 480,
-                width: int = 720, steps: int = 50, guidance: float = 6.0, seed: int = 0, dynamic_cfg: bool = False,
-                latents: torch.Tensor | None = None, strength: float = 1.0,
+    def denoise(self, cond: torch.Tensor | Sequence[TextStream], uncond: torch.Tensor | Sequence[TextStream] | None,
+                num_frames: int = 49, height: int = 480, width: int = 720, steps: int = 50, guidance: float = 6.0,
+                seed: int = 0, dynamic_cfg: bool = False, latents: torch.Tensor | None = None, strength: float = 1.0,
                 callback: StepCallback | None = None) -> torch.Tensor:
         """Text streams -> latents [B, T, C, H/8, W/8]. `latents` (diffusion space) with `strength` < 1
-        starts part-way from a noised version of them instead of pure noise."""
+        starts part-way from a noised version of them instead of pure noise. `cond` and `uncond` are a stream
+        [B, n, D] each, or several TextStreams combined as ComfyUI's samplers combine conditioning entries."""
         check_video_size(num_frames, height, width)
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"denoise strength must be in (0, 1], got {strength}")
+        check_steps(steps, strength)
         cfg = self.transformer.config
         use_cfg = guidance > 1.0 and uncond is not None
+        sides = [text_streams(uncond), text_streams(cond)] if use_cfg else [text_streams(cond)]
+        _check_sides(sides)
         with self.placement.stage(self.transformer) as device:
             dtype = module_dtype(self.transformer)
-            text = torch.cat([uncond, cond]) if use_cfg else cond
-            text = text.to(device=device, dtype=dtype)
-            fit_text_positions(self.transformer, text.shape[1])
+            sides = _on_device(sides, device, dtype)
+            fit_text_positions(self.transformer, sides[0][0].tokens.shape[1])
             timesteps = self._timesteps(steps, strength if latents is not None else 1.0, device)
+            schedule = self._text_schedule(sides, timesteps)
             latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
             extra = 0 if cfg.patch_size_t is None else (-latent_frames) % cfg.patch_size_t  # 1.5: pad to patch_size_t
-            shape = (cond.shape[0], latent_frames + extra, cfg.in_channels, height // VAE_SPATIAL, width // VAE_SPATIAL)
+            shape = (sides[0][0].tokens.shape[0], latent_frames + extra, cfg.in_channels, height // VAE_SPATIAL,
+                     width // VAE_SPATIAL)
             generator = torch.Generator("cpu").manual_seed(seed)
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             if latents is None:
@@ -165,7 +220,7 @@ class MimirPipeline:
             else:
                 x = self._noised_input(latents, noise, timesteps[:1], extra, device, dtype)
             rotary = self._rotary(height, width, x.shape[1], device)
-            x = self._loop(x, text, timesteps, guidance if use_cfg else None, dynamic_cfg, steps, rotary, generator,
+            x = self._loop(x, schedule, timesteps, guidance if use_cfg else None, dynamic_cfg, steps, rotary, generator,
                            callback)
         return x[:, extra:]
 
@@ -179,19 +234,55 @@ class MimirPipeline:
             latents = torch.cat([latents[:, :extra], latents], dim=1)
         return self.scheduler.add_noise(latents, noise, first_t.expand(latents.shape[0])).to(dtype)
 
-    def _loop(self, x, text, timesteps, guidance, dynamic_cfg, steps, rotary, generator, callback):
+    def _text_schedule(self, sides: list[list[TextStream]], timesteps) -> list[list[list[TextStream]]]:
+        """Per step, per side ([negative,] positive), the streams active at that step. A side with no active
+        weight at a step is refused: ComfyUI's samplers would predict nothing there."""
+        last = self.scheduler.config.num_train_timesteps - 1
+        schedule = []
+        for t in timesteps.tolist():
+            schedule.append([[s for s in side if s.active(t, last)] for side in sides])
+            for name, active in zip(["negative", "positive"][-len(sides):], schedule[-1]):
+                if sum(s.strength for s in active) <= 0:
+                    raise ValueError(f"{name}: no conditioning entry of strength > 0 is active at timestep {t} "
+                                     f"({1 - t / last:.1%} of sampling); together the entries' timestep ranges "
+                                     f"must cover the whole of sampling (0 to 1)")
+        return schedule
+
+    def _predictions(self, x, texts: list[torch.Tensor], t, rotary) -> list[torch.Tensor]:
+        """The transformer's prediction for x under each text stream, two streams a forward: the batch guidance
+        has always used, so one forward never needs more memory than a plain guided step."""
+        preds = []
+        for k in range(0, len(texts), 2):
+            chunk = texts[k:k + 2]
+            model_in = self.scheduler.scale_model_input(torch.cat([x] * len(chunk)), t)
+            pred = self.transformer(hidden_states=model_in, encoder_hidden_states=torch.cat(chunk),
+                                    timestep=t.expand(model_in.shape[0]), image_rotary_emb=rotary,
+                                    return_dict=False)[0].float()
+            preds += pred.chunk(len(chunk))
+        return preds
+
+    def _side_predictions(self, x, active: list[list[TextStream]], t, rotary) -> list[torch.Tensor]:
+        """One prediction per side: its active streams' predictions averaged by strength (ComfyUI's
+        calc_cond_batch; it averages denoised images, an affine map of these predictions at a step, so the same)."""
+        preds = self._predictions(x, [s.tokens for side in active for s in side], t, rotary)
+        out = []
+        for side in active:
+            weighted = [p * s.strength for p, s in zip(preds, side)]
+            out.append(sum(weighted[1:], weighted[0]) / sum(s.strength for s in side))
+            preds = preds[len(side):]
+        return out
+
+    def _loop(self, x, schedule, timesteps, guidance, dynamic_cfg, steps, rotary, generator, callback):
         dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
         old_pred = None
         for i, t in enumerate(timesteps):
-            model_in = torch.cat([x] * 2) if guidance is not None else x
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            pred = self.transformer(hidden_states=model_in, encoder_hidden_states=text, timestep=t.expand(model_in.shape[0]),
-                                    image_rotary_emb=rotary, return_dict=False)[0].float()
+            preds = self._side_predictions(x, schedule[i], t, rotary)
+            pred = preds[-1]
             if guidance is not None:
                 scale = guidance
                 if dynamic_cfg:
                     scale = 1 + guidance * ((1 - math.cos(math.pi * ((steps - t.item()) / steps) ** 5.0)) / 2)
-                uncond_pred, cond_pred = pred.chunk(2)
+                uncond_pred, cond_pred = preds
                 pred = uncond_pred + scale * (cond_pred - uncond_pred)
             if dpm:
                 prev_t = timesteps[i - 1] if i > 0 else None
@@ -199,7 +290,7 @@ class MimirPipeline:
                                                        return_dict=False)
             else:
                 x_next = self.scheduler.step(pred, t, x, eta=0.0, generator=generator, return_dict=False)[0]
-            x = x_next.to(text.dtype)
+            x = x_next.to(x.dtype)
             if callback is not None:
                 callback(i + 1, len(timesteps), x)
         return x
@@ -212,24 +303,25 @@ class MimirPipeline:
         self.vae.enable_tiling() if tiling and tiles_fit(self.vae) else self.vae.disable_tiling()
         self.vae.enable_slicing() if slicing else self.vae.disable_slicing()
         with self.placement.stage(self.vae) as device:
-            z = latents.permute(0, 2, 1, 3, 4).to(device=device, dtype=module_dtype(self.vae))
+            z = rearrange(latents, "b t c h w -> b c t h w").to(device=device, dtype=module_dtype(self.vae))
             video = self.vae.decode(z / self.vae.config.scaling_factor).sample
-        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu()
+        return rearrange((video.float() / 2 + 0.5).clamp(0, 1), "b c f h w -> b f h w c").cpu()
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames [B, F, H, W, 3] in 0..1 -> latents [B, T, C, h, w] in diffusion space (the VAE posterior's mode)."""
         check_video_size(*frames.shape[1:4])
         with self.placement.stage(self.vae) as device:
-            video = frames[..., :3].permute(0, 4, 1, 2, 3).to(device=device, dtype=module_dtype(self.vae)) * 2 - 1
-            z = self.vae.encode(video).latent_dist.mode()
-        return (z.float() * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).cpu()
+            video = rearrange(frames[..., :3], "b f h w c -> b c f h w").to(device=device, dtype=module_dtype(self.vae))
+            z = self.vae.encode(video * 2 - 1).latent_dist.mode()
+        return rearrange(z.float() * self.vae.config.scaling_factor, "b c t h w -> b t c h w").cpu()
 
     def __call__(self, prompt, negative_prompt: str = "", num_frames: int = 49, height: int = 480, width: int = 720,
                  steps: int = 50, guidance: float = 6.0, seed: int = 0, dynamic_cfg: bool = False,
                  callback: StepCallback | None = None, tiling: bool = False, slicing: bool = False,
                  output_type: str = "frames") -> torch.Tensor:
         check_video_size(num_frames, height, width)
+        check_steps(steps)
         cond, uncond = self.encode_prompt(prompt, negative_prompt if guidance > 1.0 else None, seed=seed)
         latents = self.denoise(cond, uncond, num_frames, height, width, steps, guidance, seed, dynamic_cfg,
                                callback=callback)
@@ -262,6 +354,24 @@ def tiles_fit(vae) -> bool:
         if int(latent_tile * (1 - overlap)) * up != pixel_tile - int(pixel_tile * overlap):
             return False
     return True
+
+
+def _check_sides(sides: list[list[TextStream]]) -> None:
+    """The streams of all sides ([negative,] positive) are batched together: all need the first positive's shape."""
+    names = ["negative", "positive"][-len(sides):]
+    for name, side in zip(names, sides):
+        if not side:
+            raise ValueError(f"{name}: the conditioning has no entries")
+    shape = sides[-1][0].tokens.shape
+    for name, side in zip(names, sides):
+        for i, stream in enumerate(side):
+            if stream.tokens.shape != shape:
+                raise ValueError(f"{name}: entry {i + 1} has shape {list(stream.tokens.shape)} but positive entry 1 "
+                                 f"has {list(shape)}; every entry must come from the same encoder and fuser")
+
+
+def _on_device(sides: list[list[TextStream]], device, dtype) -> list[list[TextStream]]:
+    return [[dataclasses.replace(s, tokens=s.tokens.to(device=device, dtype=dtype)) for s in side] for side in sides]
 
 
 def _fuser_args(features: TextFeatures):

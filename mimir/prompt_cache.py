@@ -9,11 +9,11 @@ weights are not part of the key: fusing runs after the cache, so a retrained fus
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,12 +42,31 @@ def model_identity(model) -> str:
     elif isinstance(model, torch.nn.Module):
         _hash_module(h, model)
     elif hasattr(model, "get_vocab"):
-        backend = getattr(model, "backend_tokenizer", None)
-        h.update((backend.to_str() if backend is not None else json.dumps(model.get_vocab(), sort_keys=True)).encode())
+        h.update(_tokenizer_rules(model).encode())
         h.update(str(getattr(model, "chat_template", None)).encode())
     else:
         raise TypeError(f"model_identity: expected a path, an nn.Module or a tokenizer, got {type(model).__name__}")
     return h.hexdigest()[:32]
+
+
+def files_identity(paths, dtype) -> str:
+    """The identity of a text model from its files and the dtype it computes in (None: as stored), nothing
+    loaded: what the CLI and the nodes key on, so that both find the same entries."""
+    from .loading import resolve_dtype  # loading imports this module (through the pipeline)
+
+    dtype = "stored" if dtype is None else str(resolve_dtype(dtype)).removeprefix("torch.")
+    return "+".join(model_identity(Path(p)) for p in paths) + f":{dtype}"
+
+
+def _tokenizer_rules(tokenizer) -> str:
+    """A tokenizer's rules, without the padding/truncation state a fast tokenizer keeps from its last call (it
+    changed the identity after the first encode, and every prompt was cached twice)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    rules = json.loads(backend.to_str())
+    rules.pop("padding", None), rules.pop("truncation", None)
+    return json.dumps(rules, sort_keys=True)
 
 
 def _hash_path(h, path: Path) -> None:
@@ -108,21 +127,21 @@ class PromptCache:
             logger.warning("prompt cache: ignoring %s (%s)", path, exc)
             return None
 
-    def put(self, parts: dict, features: TextFeatures) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def put(self, parts: dict, features: TextFeatures) -> Path | None:
+        """Store features; a folder that cannot be written (read-only, full) warns and stores nothing, since
+        the features are already computed and the generation can go on without the cache."""
         path = self.path(parts)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        features.save(tmp, metadata={"key_parts": json.dumps(parts, sort_keys=True)})
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            features.save(tmp, metadata={"key_parts": json.dumps(parts, sort_keys=True)})
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        except OSError as exc:
+            logger.warning("prompt cache: cannot write to %s (%s): running without the cache", self.folder, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return None
         return path
-
-    def get_or_encode(self, parts: dict, encode_fn: Callable[[], TextFeatures]) -> TextFeatures:
-        """Cached features for `parts`, or encode_fn() (features of one prompt) stored for next time."""
-        features = self.get(parts)
-        if features is None:
-            features = encode_fn()
-            self.put(parts, features)
-        return features
 
 
 def encode_features_cached(pipeline, prompts: list[str], cache: PromptCache, seed: int | None = None,

@@ -1,4 +1,4 @@
-"""Tiny models built from configs, for tests, benchmarks and the smoke run.
+"""Tiny models built from configs, for tests, benchmarks and the smoke run; a SIGKILL at a chosen moment.
 
 Every component has the real architecture (diffusers' CogVideoX transformer and VAE, transformers' T5 and
 causal LMs) at toy sizes, with word-level tokenizers built offline. Nothing here downloads anything.
@@ -6,7 +6,13 @@ causal LMs) at toy sizes, with word-level tokenizers built offline. Nothing here
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
+import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -170,3 +176,47 @@ def import_pack(root):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def kill_at(target: str, call: int = 1, when: str = "after") -> None:
+    """SIGKILL this process on the `call`-th call of `target`, just "before" or "after" it runs: the moment a
+    kill test chooses, with no sleeps. `target` is "module:name" or "module:Class.method", patched where the
+    caller looks it up (e.g. "mimir.train.loop:export", not where export is defined)."""
+    module, _, attribute = target.partition(":")
+    *path, name = attribute.split(".")
+    owner = functools.reduce(getattr, path, importlib.import_module(module))
+    original, calls = getattr(owner, name), [0]
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(*args, **kwargs)
+        if calls[0] == call and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(owner, name, wrapper)
+
+
+def run_killed(command: str, config: dict, target: str, call: int = 1, when: str = "after",
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run mimir.train's `train` or `build_cache` (command "train" | "cache") on `config` (TrainConfig fields)
+    with tiny_train_components() in a new Python process that kill_at(target, call, when) stops. -> the ended
+    process: returncode -SIGKILL when the kill came, 0 if the run ended before reaching it."""
+    spec = json.dumps({"command": command, "config": config, "kill": [target, call, when]})
+    code = "import sys; from mimir.testing import _killed_child; _killed_child(sys.argv[1])"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code, spec], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _killed_child(spec: str) -> None:
+    from .train import TrainConfig, build_cache, train
+
+    spec = json.loads(spec)
+    torch.set_num_threads(1)
+    kill_at(*spec["kill"])
+    run = train if spec["command"] == "train" else build_cache
+    run(TrainConfig(**spec["config"]), tiny_train_components(), progress=False)

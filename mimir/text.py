@@ -108,6 +108,7 @@ class LLMTextEncoder:
         if llm.config.hidden_size != config.llm_dim:
             raise ValueError(f"the fuser expects an LLM of hidden size {config.llm_dim}, but this LLM "
                              f"({type(llm).__name__}) has hidden size {llm.config.hidden_size}")
+        config.check_llm_depth(llm.config.num_hidden_layers)
         self.prefix, self.suffix = chat_template_parts(tokenizer)
 
     def _ids(self, text: str) -> list[int]:
@@ -136,8 +137,15 @@ class LLMTextEncoder:
                                     temperature=None, stopping_criteria=criteria,
                                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         answer = out[0, len(ids):].tolist()
-        eos = self.tokenizer.eos_token_id
-        return answer[: answer.index(eos)] if eos in answer else answer
+        ends = [i for i, token in enumerate(answer) if token in self._end_ids()]
+        return answer[:ends[0]] if ends else answer
+
+    def _end_ids(self) -> set[int]:
+        """Every id generation stops at: the generation config's (Phi-3.5: <|end|> 32007, 32001, 32000) and the
+        tokenizer's eos, so the stop token's state never joins the answer."""
+        configured = getattr(getattr(self.llm, "generation_config", None), "eos_token_id", None)
+        configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+        return {*configured, self.tokenizer.eos_token_id} - {None}
 
     @torch.no_grad()
     def encode_one(self, prompt: str, seed: int | None = None, callback: StepCallback | None = None):

@@ -28,7 +28,7 @@ from ..mimir.loading import (
     load_vae,
 )
 from ..mimir.memory import enable_block_swap, enable_fp8_storage
-from ..mimir.prompt_cache import model_identity
+from ..mimir.prompt_cache import files_identity
 from . import comfy_services as services
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class _LazyTextModel:
     def identity(self) -> str:
         """What the prompt cache keys on: the files (paths, sizes, modification times; nothing loaded) and the
         dtype the model computes in, which changes its features."""
-        return "+".join(model_identity(f) for f in self._files()) + f":{self.dtype or 'auto'}"
+        return files_identity(self._files(), self.dtype)
 
 
 class MimirT5(_LazyTextModel):

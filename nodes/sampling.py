@@ -7,32 +7,61 @@ nodes convert between the two. IMAGE is `[F, H, W, 3]` in 0..1.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..mimir.loading import SCHEDULERS
-from ..mimir.pipeline import VAE_SPATIAL, VAE_TEMPORAL, MimirPipeline, check_video_size
+from ..mimir.pipeline import VAE_SPATIAL, VAE_TEMPORAL, MimirPipeline, TextStream, check_video_size
 from . import comfy_services as services
 
 CATEGORY = "Mimir/sampling"
 
 
-def _text_stream(cond, input_name: str, model) -> torch.Tensor:
-    """CONDITIONING -> its [1, tokens, width] tensor, checked against what the transformer reads."""
-    if not isinstance(cond, (list, tuple)) or not cond or not torch.is_tensor(cond[0][0]):
-        raise ValueError(f"{input_name}: expected CONDITIONING ([[tensor, dict]]), got {type(cond).__name__}")
-    if len(cond) != 1:
-        raise ValueError(f"{input_name}: {len(cond)} conditioning entries (combined conditionings?); the Mimir "
-                         f"Sampler takes exactly one")
-    stream = cond[0][0]
+# Conditioning options the Mimir Sampler honours, as ComfyUI's samplers read them (strength: ConditioningSet-
+# AreaStrength; start_percent / end_percent: ConditioningSetTimestepRange); any other option is refused.
+HONOURED_OPTIONS = {"mimir_encoder", "strength", "start_percent", "end_percent"}
+
+
+def _text_streams(cond, input_name: str, model) -> list[TextStream]:
+    """CONDITIONING (one entry, or several from ConditioningCombine) -> the library's TextStreams."""
+    if not isinstance(cond, (list, tuple)) or not cond or not all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and torch.is_tensor(e[0]) and isinstance(e[1], dict)
+            for e in cond):
+        raise ValueError(f"{input_name}: expected CONDITIONING ([[tensor, dict], ...]), got {type(cond).__name__}")
+    streams = []
+    for i, (tensor, options) in enumerate(cond):
+        where = input_name if len(cond) == 1 else f"{input_name} entry {i + 1}"
+        refused = sorted(set(options) - HONOURED_OPTIONS)
+        if refused:
+            raise ValueError(f"{where}: the conditioning option {refused[0]!r} is not supported; the Mimir Sampler "
+                             f"honours strength and timestep ranges (start_percent, end_percent) only")
+        _check_stream(tensor, where, model)
+        try:
+            streams.append(TextStream(tensor, options.get("strength", 1.0), options.get("start_percent", 0.0),
+                                      options.get("end_percent", 1.0)))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+    return streams
+
+
+def _check_stream(stream: torch.Tensor, where: str, model) -> None:
+    """A [1, tokens, width] text stream, checked against what the transformer reads."""
     config = model.transformer.config
     if stream.ndim != 3 or stream.shape[0] != 1 or stream.shape[-1] != config.text_embed_dim:
-        raise ValueError(f"{input_name}: conditioning of shape {list(stream.shape)}, but this model reads "
+        raise ValueError(f"{where}: conditioning of shape {list(stream.shape)}, but this model reads "
                          f"[1, tokens, {config.text_embed_dim}]; connect Mimir Text Encode or Mimir T5 Text Encode "
                          f"made with this model's T5 (CLIP Text Encode does not fit)")
     if model.info.dims["positional_embeddings"] == "learned" and stream.shape[1] != config.max_text_seq_length:
-        raise ValueError(f"{input_name}: {stream.shape[1]} text tokens, but this model has learned positions for "
+        raise ValueError(f"{where}: {stream.shape[1]} text tokens, but this model has learned positions for "
                          f"exactly {config.max_text_seq_length} text tokens; use the encoder it was trained with")
-    return stream
+
+
+def _batched(streams: list[TextStream] | None, batch: int) -> list[TextStream] | None:
+    """Streams for a batch of input latents (ComfyUI's CONDITIONING holds one prompt)."""
+    if streams is None:
+        return None
+    return [dataclasses.replace(s, tokens=s.tokens.expand(batch, -1, -1)) for s in streams]
 
 
 def _init_latents(latent, model, frames: int, height: int, width: int) -> torch.Tensor:
@@ -45,6 +74,24 @@ def _init_latents(latent, model, frames: int, height: int, width: int) -> torch.
         raise ValueError(f"latent: got {got} but width {width}, height {height}, frames {frames} need video latents "
                          f"[B, {', '.join(map(str, want))}] ([B, C, T, H/8, W/8]); set the size to the input video's")
     return samples.float().permute(0, 2, 1, 3, 4) * model.info.vae_scaling_factor
+
+
+def _queue_time_video_check(node, frames, height, width) -> bool | str:
+    """VALIDATE_INPUTS for the frames / height / width widgets: True, or what is wrong. ComfyUI passes only the
+    inputs VALIDATE_INPUTS names, a linked one as None (its value exists only at run time, where the node checks
+    it), and skips its own min/max check for them, so that is done here too."""
+    spec = node.INPUT_TYPES()["required"]
+    given = {"frames": frames, "height": height, "width": width}
+    for name, value in given.items():
+        low, high = spec[name][1]["min"], spec[name][1]["max"]
+        if value is not None and not low <= value <= high:
+            return f"{name} must be in {low}..{high}, got {value}"
+    known = {name: spec[name][1]["default"] if value is None else value for name, value in given.items()}
+    try:  # an unknown value stands in as the widget's default, which is valid
+        check_video_size(known["frames"], known["height"], known["width"])
+    except ValueError as exc:
+        return str(exc)
+    return True
 
 
 class MimirSampler:
@@ -61,8 +108,8 @@ class MimirSampler:
                                   "tooltip": "Video width in pixels, a multiple of 16 (CogVideoX: 720)."}),
                 "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
                                    "tooltip": "Video height in pixels, a multiple of 16 (CogVideoX: 480)."}),
-                "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4,
-                                   "tooltip": "Number of frames, 4k+1 (CogVideoX: 49, CogVideoX 1.5: 81)."}),
+                "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 8,
+                                   "tooltip": "Number of frames, 8k+1 (CogVideoX: 49, CogVideoX 1.5: 81): the VAE decodes other counts to 3 frames more."}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
                 "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale; 1 or less skips the negative pass."}),
@@ -84,6 +131,11 @@ class MimirSampler:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames=None):
+        """ComfyUI calls this when a graph is queued and refuses the graph with a 400 when it returns a message."""
+        return _queue_time_video_check(cls, frames=frames, height=height, width=width)
+
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("Video latents [B, C, T, H/8, W/8] in VAE space, for Mimir Decode.",)
     FUNCTION = "sample"
@@ -95,15 +147,11 @@ class MimirSampler:
         check_video_size(frames, height, width)  # its messages name frames / height / width
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler: must be one of {list(SCHEDULERS)}, got {scheduler!r}")
-        cond = _text_stream(positive, "positive", model)
-        uncond = _text_stream(negative, "negative", model) if cfg > 1.0 else None
-        if uncond is not None and uncond.shape != cond.shape:
-            raise ValueError(f"negative: {list(uncond.shape)} but positive is {list(cond.shape)}; encode both with "
-                             f"the same kind of node and fuser")
+        cond = _text_streams(positive, "positive", model)
+        uncond = _text_streams(negative, "negative", model) if cfg > 1.0 else None
         init = None if latent is None else _init_latents(latent, model, frames, height, width)
         if init is not None:
-            cond = cond.expand(init.shape[0], -1, -1)
-            uncond = None if uncond is None else uncond.expand(init.shape[0], -1, -1)
+            cond, uncond = _batched(cond, init.shape[0]), _batched(uncond, init.shape[0])
         pipe = MimirPipeline(model.transformer, None, model.scheduler, placement=services.placement())
         pipe.use_scheduler(scheduler)
         bar = services.progress_bar(steps)
@@ -161,7 +209,7 @@ class MimirVAEEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": ("MIMIR_VAE", {"tooltip": "The CogVideoX VAE, from Mimir VAE Loader."}),
-            "images": ("IMAGE", {"tooltip": "Video frames [F, H, W, C] in 0..1: 4k+1 frames, sides multiples of 16."}),
+            "images": ("IMAGE", {"tooltip": "Video frames [F, H, W, C] in 0..1: 8k+1 frames, sides multiples of 16."}),
         }}
 
     RETURN_TYPES = ("LATENT",)

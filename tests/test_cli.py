@@ -42,16 +42,52 @@ def test_generate_webp_uses_model_default_size(model_dir, tmp_path, capsys):
     assert tuple(read_video(out).shape) == (9, 32, 32, 3)  # tiny 5b: sample_frames 9, sample 4x4 latents
 
 
+NO_CUDA_DEVICE = "cuda:99" if torch.cuda.is_available() else "cuda"
+
+
 @pytest.mark.parametrize("args,message", [
-    (["--frames", 10], "frames must be 4k\\+1"),
+    (["--frames", 10], "frames must be 8k\\+1"),
+    (["--frames", 5], "frames must be 8k\\+1 .* got 5"),  # the VAE would decode 8
+    (["--frames", 0], "frames must be 8k\\+1"),
     (["--height", 40], "height must be a positive multiple of 16"),
+    (["--height", 0], "height must be a positive multiple of 16, got 0"),
     (["--width", 30], "width must be a positive multiple of 16"),
+    (["--steps", 0], "--steps must be at least 1, got 0"),
+    (["--steps", -3], "--steps must be at least 1, got -3"),
+    (["--guidance", -1], "--guidance must be a finite number >= 1"),
+    (["--guidance", "inf"], "--guidance must be a finite number >= 1 .* got inf"),
+    (["--guidance", "nan"], "--guidance must be a finite number >= 1 .* got nan"),
+    (["--seed", 2 ** 64], "--seed must be in 0 .. 2\\*\\*64 - 1"),
+    (["--seed", -1], "--seed must be in 0 .. 2\\*\\*64 - 1"),
+    (["--fps", 0], "--fps must be at least 1"),
+    (["--device", NO_CUDA_DEVICE], f"--device {NO_CUDA_DEVICE}: th"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device name"),
+    (["--no-fuser", "--fuser", "f.safetensors"], "--no-fuser reads T5 alone"),
+    (["-o", "OUT/v.avi"], "unknown extension '.avi', supported: .mp4, .webp, .gif"),
+    (["-o", "OUT/missing/v.mp4"], "the folder .*missing does not exist"),
+    (["-o", "/proc/v.mp4"], "cannot write into /proc"),
 ])
-def test_bad_sizes_are_clear_errors(model_dir, tmp_path, capsys, args, message):
-    code, _, err = run(capsys, "generate", "x", "--model", model_dir, "--steps", 1, "-o", tmp_path / "v.mp4", *args)
+def test_bad_values_are_refused_before_any_model_loads(model_dir, tmp_path, capsys, monkeypatch, args, message):
+    import mimir.loading
+
+    monkeypatch.setattr(mimir.loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = [str(a).replace("OUT", str(tmp_path)) for a in args]
+    out = ["-o", tmp_path / "v.mp4"] if "-o" not in args else []
+    code, _, err = run(capsys, "generate", "x", "--model", model_dir, "--steps", 1, *out, *args)
     assert code == 2
     assert re.search(message, err), err
-    assert not (tmp_path / "v.mp4").exists()
+    assert not list(tmp_path.rglob("v.*"))
+
+
+def test_a_prompt_that_is_not_utf8_is_named(model_dir, tmp_path, capsys):
+    undecodable = b"a red \xff circle".decode("utf-8", "surrogateescape")  # how Python hands over such argv
+    code, _, err = run(capsys, "generate", undecodable, "--model", model_dir, "-o", tmp_path / "v.mp4")
+    assert code == 2 and "is not valid UTF-8 text" in err
+
+
+def test_an_empty_prompt_warns_and_runs(model_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "", "--model", model_dir, "--steps", 1, "-o", tmp_path / "v.webp")
+    assert code == 0 and "the prompt is empty" in err
 
 
 def test_missing_model_folder_is_named(tmp_path, capsys):
@@ -90,6 +126,80 @@ def test_prompt_cache_second_run_loads_neither_t5_nor_llm(model_dir, tmp_path, c
     code, stdout, err = run(capsys, *args, "-o", tmp_path / "b.mp4")
     assert code == 0, err
     assert torch.equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "b.mp4"))
+
+
+def test_prompt_cache_keys_on_the_dtype(model_dir, tmp_path, capsys, monkeypatch):
+    import mimir.loading
+
+    args = ["generate", "a red circle", "--model", model_dir, "--steps", 1, "--prompt-cache", tmp_path / "cache"]
+    assert run(capsys, *args, "-o", tmp_path / "a.webp")[0] == 0
+    loaded = []
+    real = mimir.loading.load_t5
+    monkeypatch.setattr(mimir.loading, "load_t5", lambda *a, **k: loaded.append(k["dtype"]) or real(*a, **k))
+    assert run(capsys, *args, "--dtype", "bf16", "-o", tmp_path / "b.webp")[0] == 0
+    assert loaded == ["bf16"]  # fp32 features were not reused for a bf16 run
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+
+
+def test_no_fuser_reads_neither_the_fuser_nor_the_llm(model_dir, tmp_path, capsys, monkeypatch):
+    import mimir.loading
+
+    monkeypatch.setattr(mimir.loading, "load_llm", lambda *a, **k: pytest.fail("the LLM was loaded"))
+    monkeypatch.setattr(mimir.loading, "load_token_fuser", lambda *a, **k: pytest.fail("the fuser was loaded"))
+    code, _, err = run(capsys, "generate", "x", "--model", model_dir, "--no-fuser", "--steps", 1,
+                       "-o", tmp_path / "v.webp")
+    assert code == 0, err
+
+
+def test_vae_override_takes_the_transformers_scaling_factor(model_dir, tmp_path, capsys, monkeypatch):
+    """A single-file VAE without metadata does not tell its scaling factor; a 5B transformer needs 0.7."""
+    import shutil
+
+    import mimir.loading
+
+    five_b = shutil.copytree(model_dir, tmp_path / "5b")
+    config = json.loads((five_b / "vae" / "config.json").read_text())
+    (five_b / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.7}))
+    seen = []
+    real = mimir.loading.load_vae
+    monkeypatch.setattr(mimir.loading, "load_vae",
+                        lambda *a, **k: seen.append(k.get("scaling_factor")) or real(*a, **k))
+    code, _, err = run(capsys, "generate", "x", "--model", five_b, "--vae", model_dir / "vae", "--steps", 1,
+                       "-o", tmp_path / "v.webp")
+    assert code == 0, err
+    assert seen[-1] == pytest.approx(0.7)  # not the 1.15258426 of the override's own config
+
+
+def test_unset_sizes_follow_the_variant_not_the_sample_size():
+    """CogVideoX 1.5's transformer has sample size 300 x 300 latents (2400 px); it is used at 1360 x 768, 81 frames."""
+    from types import SimpleNamespace
+
+    from diffusers.configuration_utils import FrozenDict
+
+    from mimir.cli import _defaults
+    from mimir.loading import TRANSFORMER_CONFIGS
+
+    for variant, expected in (("1.5", (81, 768, 1360)), ("5b", (49, 480, 720)), ("2b", (49, 480, 720))):
+        pipe = SimpleNamespace(transformer=SimpleNamespace(config=FrozenDict(TRANSFORMER_CONFIGS[variant])))
+        args = SimpleNamespace(frames=None, height=None, width=None, steps=None)
+        _defaults(args, pipe, "model")
+        assert (args.frames, args.height, args.width, args.steps) == (*expected, 50), variant
+    args = SimpleNamespace(frames=17, height=None, width=640, steps=None)
+    _defaults(args, pipe, "model")
+    assert (args.frames, args.height, args.width) == (17, 480, 640)
+
+
+def test_train_without_the_train_extra_names_it(capsys, monkeypatch):
+    import sys
+
+    import mimir
+
+    monkeypatch.delattr(mimir, "train", raising=False)  # else `from . import train` finds the attribute
+    for name in [m for m in sys.modules if m == "mimir.train" or m.startswith("mimir.train.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if not installed
+    code, _, err = run(capsys, "train", "--config", "x.yaml")
+    assert code == 2 and "accelerate is not installed" in err and "mimir-video[train]" in err
 
 
 def test_memory_flags(model_dir, tmp_path, capsys):

@@ -33,13 +33,22 @@ if not COMFYUI:
 import av
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from mimir.demo.analysis import analyse, parse_caption
 from mimir.fuser import FuserConfig, TokenFuser, save_fuser
-from mimir.loading import DEMO_MODEL_DIR, save_pipeline, save_single_file
-from mimir.pipeline import MimirPipeline
+from mimir.loading import (
+    DEMO_MODEL_DIR,
+    load_scheduler,
+    load_token_fuser,
+    load_transformer,
+    save_pipeline,
+    save_single_file,
+)
+from mimir.pipeline import MimirPipeline, TextStream
 from mimir.testing import tiny_components, tiny_llm, tiny_t5, tiny_transformer, tiny_vae, word_tokenizer
+from mimir.text import TextFeatures
 
 TINY_SIZE = dict(width=32, height=32, frames=9, steps=2)
 STARTUP_S, RUN_S = 300, 600
@@ -286,20 +295,115 @@ def test_bad_prompts_give_clear_errors(comfyui):
     sampler = next(k for k, n in base.items() if n["class_type"] == "MimirSampler")
     loader = next(k for k, n in base.items() if n["class_type"] == "MimirT5Loader")
 
-    entry = comfyui.wait(comfyui.queue(_tiny(json.loads(json.dumps(base)), frames=10)))
-    error = comfyui.messages(entry)["execution_error"]
-    print("frames=10:", error["node_type"], "->", error["exception_message"])
-    assert error["node_id"] == sampler and error["exception_message"].startswith("frames must be 4k+1")
-
-    for change, kind in [((sampler, "frames", 5000), "value_bigger_than_max"),
-                         ((loader, "t5_name", "missing.safetensors"), "value_not_in_list")]:
+    # refused at queue time (nothing loads): the Mimir Sampler's VALIDATE_INPUTS, which ComfyUI reports once per
+    # input it names; the widgets' own min/max checks (ComfyUI's) for the other inputs
+    for change, kind, message in [((sampler, "frames", 10), "custom_validation_failed", "frames must be"),
+                                  ((sampler, "width", 40), "custom_validation_failed", "width must be a positive"),
+                                  ((sampler, "frames", 5000), "custom_validation_failed", "frames must be in 1..1025"),
+                                  ((sampler, "steps", 0), "value_smaller_than_min", ""),
+                                  ((loader, "t5_name", "missing.safetensors"), "value_not_in_list", "")]:
         workflow = _tiny(json.loads(json.dumps(base)))
         node, field, value = change
         workflow[node]["inputs"][field] = value
         status, body = comfyui.post("/prompt", {"prompt": workflow})
         errors = body["node_errors"][node]["errors"]
         print(f"{field}={value!r}: {status} {errors[0]['message']}: {errors[0]['details']}")
-        assert status == 400 and errors[0]["type"] == kind and errors[0]["extra_info"]["input_name"] == field
+        assert status == 400 and {e["type"] for e in errors} == {kind}
+        if kind == "custom_validation_failed":
+            assert {e["extra_info"]["input_name"] for e in errors} == {"width", "height", "frames"}
+            assert all(e["details"].split(" - ", 1)[1].startswith(message) for e in errors)
+        else:
+            assert [e["extra_info"]["input_name"] for e in errors] == [field]
+
+    # frames from another node is unknown at queue time (VALIDATE_INPUTS gets None): refused when the node runs
+    workflow = _tiny(json.loads(json.dumps(base)))
+    workflow["100"] = {"class_type": "PrimitiveInt", "inputs": {"value": 10}}
+    workflow[sampler]["inputs"]["frames"] = ["100", 0]
+    error = comfyui.messages(comfyui.wait(comfyui.queue(workflow)))["execution_error"]
+    print("frames=10 from PrimitiveInt:", error["node_type"], "->", error["exception_message"])
+    assert error["node_id"] == sampler and error["exception_message"].startswith("frames must be")
+
+
+# ---- conditioning entries, built with ComfyUI's own conditioning nodes ------------------------------------------
+
+OTHER_PROMPT = "A small white sailboat drifts slowly to the right across a calm dark blue lake at dusk."
+
+
+def _core(workflow: dict, class_type: str, **inputs) -> list:
+    """Adds a ComfyUI core node to `workflow`; -> the link to its first output."""
+    node_id = str(200 + len(workflow))
+    workflow[node_id] = {"class_type": class_type, "inputs": inputs}
+    return [node_id, 0]
+
+
+def _conditioning_run(server: Server, positive) -> tuple[torch.Tensor, dict]:
+    """The Mimir workflow at the tiny size and 4 steps, with `positive(workflow, a, b)` (links to the encoded
+    workflow prompt and a second one) as the sampler's positive input; the latent is saved by core SaveLatent and
+    every encoded prompt by Mimir Save Encoded Prompt. -> (the saved latent, the workflow)."""
+    workflow = _tiny(json.loads((API_DIR / "mimir_cogvideox5b_phi35.json").read_text()), steps=4)
+    sampler = next(k for k, n in workflow.items() if n["class_type"] == "MimirSampler")
+    inputs = workflow[sampler]["inputs"]
+    for k in [k for k, n in workflow.items() if n["class_type"] in ("MimirDecode", "CreateVideo", "SaveVideo")]:
+        del workflow[k]
+    a, negative = inputs["positive"][0], inputs["negative"][0]
+    workflow["100"] = json.loads(json.dumps(workflow[a]))
+    workflow["100"]["inputs"]["prompt"] = OTHER_PROMPT
+    for role, k in (("a", a), ("b", "100"), ("negative", negative)):
+        _core(workflow, "MimirSaveEncodedPrompt", features=[k, 1], name=f"e2e/conditioning_{role}")
+    inputs["positive"] = positive(workflow, [a, 0], ["100", 0])
+    saver = _core(workflow, "SaveLatent", samples=[sampler, 0], filename_prefix="e2e/conditioning")[0]
+    entry = server.wait(server.queue(workflow))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    saved = entry["outputs"][saver]["latents"][0]
+    return load_file(server.log.parent / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"], workflow
+
+
+def _saved_streams(server: Server, workflow: dict) -> dict[str, torch.Tensor]:
+    """The fused text streams of the prompts the workflow saved ("a", "b", "negative"), fused by the library."""
+    base = server.log.parent
+    fuser_name = next(n["inputs"]["fuser_name"] for n in workflow.values() if n["class_type"] == "MimirFuserLoader")
+    fuser, _ = load_token_fuser(base / "models" / "mimir" / fuser_name, dtype="fp32")
+    prompts = base / "output" / "mimir_prompts" / "e2e"
+    return {role: MimirPipeline(None, None, None, fuser=fuser).fuse(
+        TextFeatures.load(prompts / f"conditioning_{role}.safetensors")) for role in ("a", "b", "negative")}
+
+
+def _library_latent(server: Server, workflow: dict, positive: list, negative) -> torch.Tensor:
+    """What the library samples for the workflow's model and sampler settings, in the LATENT layout."""
+    nodes = {n["class_type"]: n["inputs"] for n in workflow.values()}
+    loader, s = nodes["MimirModelLoader"], nodes["MimirSampler"]
+    transformer, info = load_transformer(server.log.parent / "models" / "diffusion_models" / loader["model_name"],
+                                         dtype=loader["dtype"])
+    pipe = MimirPipeline(transformer, None, load_scheduler("ddim", "5b"))  # a custom variant: the 5B settings
+    pipe.use_scheduler(s["scheduler"])
+    latents = pipe.denoise(positive, negative, s["frames"], s["height"], s["width"], s["steps"], s["cfg"], s["seed"],
+                           s["dynamic_cfg"])
+    return (latents.float() / info.vae_scaling_factor).permute(0, 2, 1, 3, 4)
+
+
+def test_timestep_ranges_and_combined_conditioning(comfyui):
+    plain, _ = _conditioning_run(comfyui, lambda w, a, b: a)
+    whole, _ = _conditioning_run(comfyui, lambda w, a, b: _core(w, "ConditioningSetTimestepRange", conditioning=a,
+                                                                start=0.0, end=1.0))
+    split, workflow = _conditioning_run(comfyui, lambda w, a, b: _core(
+        w, "ConditioningCombine", conditioning_1=_core(w, "ConditioningSetTimestepRange", conditioning=a, start=0.0,
+                                                       end=0.5),
+        conditioning_2=_core(w, "ConditioningSetTimestepRange", conditioning=b, start=0.5, end=1.0)))
+    weighted, _ = _conditioning_run(comfyui, lambda w, a, b: _core(
+        w, "ConditioningCombine", conditioning_1=a,
+        conditioning_2=_core(w, "ConditioningSetAreaStrength", conditioning=b, strength=3.0)))
+    fused = _saved_streams(comfyui, workflow)
+    expected_split = _library_latent(comfyui, workflow, [TextStream(fused["a"], end=0.5),
+                                                         TextStream(fused["b"], start=0.5)], fused["negative"])
+    expected_weighted = _library_latent(comfyui, workflow, [TextStream(fused["a"]),
+                                                            TextStream(fused["b"], strength=3.0)], fused["negative"])
+    print(f"range 0..1 == plain: {torch.equal(whole, plain)}; split ranges vs plain: max "
+          f"{(split - plain).abs().max():.4f}, vs the library: {(split - expected_split).abs().max():.2e}; "
+          f"A + 3 x B vs the library: {(weighted - expected_weighted).abs().max():.2e} "
+          f"(vs plain {(weighted - plain).abs().max():.4f})")
+    assert torch.equal(whole, plain)
+    assert (split - plain).abs().max() > 1e-2 and (weighted - plain).abs().max() > 1e-2
+    assert (split - expected_split).abs().max() <= 1e-5 and (weighted - expected_weighted).abs().max() <= 1e-5
 
 
 def test_interrupt_stops_sampling_within_a_step_and_models_stay_usable(comfyui):

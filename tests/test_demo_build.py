@@ -12,7 +12,7 @@ from mimir.demo.analysis import parse_caption
 from mimir.demo.build import Recipe, build, lesson_ids, llm_lessons, main, make_tokenizers
 from mimir.demo.world import make_dataset
 from mimir.fuser import DEFAULT_INSTRUCTIONS
-from mimir.loading import load_pipeline
+from mimir.loading import DEMO_MODEL_DIR, load_pipeline
 from mimir.text import chat_template_parts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,11 @@ def test_alignment_benchmark_prints_both_arms_and_writes_gifs(quick_build, quick
     assert len(list(tmp_path.glob("*.gif"))) == 2 and len(list(tmp_path.glob("*.png"))) == 1
 
 
-def test_quick_build_refuses_to_overwrite_the_bundled_model():
-    with pytest.raises(SystemExit):
-        main(["--quick"])
+@pytest.mark.parametrize("argv", [[], ["--out", str(DEMO_MODEL_DIR)], ["--quick", "--out", str(DEMO_MODEL_DIR)],
+                                  ["--quick", "--out", str(DEMO_MODEL_DIR), "--overwrite-bundled"]])
+def test_build_never_replaces_the_bundled_model_unasked(argv, capsys):
+    before = {p: p.stat().st_mtime_ns for p in DEMO_MODEL_DIR.rglob("*")}
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and ("--out" in capsys.readouterr().err)
+    assert {p: p.stat().st_mtime_ns for p in DEMO_MODEL_DIR.rglob("*")} == before

@@ -2,17 +2,25 @@
 detection on the published CogVideoX shapes (meta tensors, nothing allocated); each refusal names its cause."""
 
 import copy
+import io
 import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import pytest
+import sentencepiece
+import tokenizers
 import torch
 import transformers
-from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
 from mimir import loading
+from mimir.fuser import FORMAT as FUSER_FORMAT
 from mimir.fuser import FuserConfig, TokenFuser, save_fuser
 from mimir.loading import (
     DEMO_MODEL_DIR,
@@ -24,6 +32,7 @@ from mimir.loading import (
     load_scheduler,
     load_t5,
     load_token_fuser,
+    load_tokenizer,
     load_transformer,
     load_vae,
     match_variant,
@@ -31,13 +40,22 @@ from mimir.loading import (
     save_single_file,
     t5_config_from_shapes,
     transformer_config_from_shapes,
+    warn_unknown_fields,
 )
 from mimir.offload import Placement
 from mimir.pipeline import MimirPipeline
-from mimir.testing import real_scheduler, tiny_components, tiny_llm, tiny_transformer, tiny_vae, word_tokenizer
-from mimir.text import encode_t5
+from mimir.testing import (
+    BASE_WORDS,
+    real_scheduler,
+    tiny_components,
+    tiny_llm,
+    tiny_transformer,
+    tiny_vae,
+    word_tokenizer,
+)
+from mimir.text import chat_template_parts, encode_t5
 
-CALL = dict(num_frames=5, height=16, width=16, steps=2, guidance=6.0, seed=3, output_type="latent")
+CALL = dict(num_frames=9, height=16, width=16, steps=2, guidance=6.0, seed=3, output_type="latent")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -326,9 +344,10 @@ def test_vae_single_file_without_metadata(tmp_path, monkeypatch):
     vae = tiny_vae()
     path = tmp_path / "comfy_vae.safetensors"
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
-    with pytest.raises(ValueError, match=r"unknown VAE: encoder.conv_in.conv.weight has shape \[8, 3, 3, 3, 3\].*"
-                                         r"the CogVideoX VAE has \[128, 3, 3, 3, 3\], \[512, 16, 3, 3, 3\]"):
-        load_vae(path)  # read as the published CogVideoX VAE, which this tiny file is not
+    with pytest.raises(ValueError, match=r"comfy_vae.safetensors: a CogVideoX VAE of other size than the published "
+                                         r"one \(block_out_channels \[8, 8, 8, 8\], latent_channels 4\): its norm "
+                                         r"groups and temporal compression are not in its weights"):
+        load_vae(path)  # the published CogVideoX VAE's config does not fit, and the weights cannot tell all of one
     monkeypatch.setattr(loading, "VAE_CONFIG", config_of(vae))
     loaded, info = load_vae(path, scaling_factor=0.7)
     assert info.vae_scaling_factor == 0.7 and torch.equal(vae_out(loaded), vae_out(vae))
@@ -451,11 +470,15 @@ def test_corrupt_and_truncated_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    for path in (truncated, garbage):
-        with pytest.raises(ValueError, match="not a readable .safetensors file"):
-            load_transformer(path)
-        with pytest.raises(ValueError, match="not a readable .safetensors file"):
-            inspect(path)
+    in_header = tmp_path / "in_header.safetensors"
+    in_header.write_bytes(good.read_bytes()[:100])
+    faults = {truncated: rf"truncated: {truncated.stat().st_size} bytes, but its header describes {good.stat().st_size}",
+              in_header: r"truncated: 100 bytes, cut inside its \d+-byte header",
+              garbage: "corrupt: not a .safetensors file"}
+    for path, fault in faults.items():
+        for read in (load_transformer, inspect):
+            with pytest.raises(ValueError, match=rf"{path.name}: {fault}"):
+                read(path)
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):
@@ -505,6 +528,345 @@ def test_save_single_file_refuses_other_objects(tmp_path):
         save_single_file(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="written as .safetensors"):
         save_single_file(tiny_vae(), tmp_path / "x.ckpt")
+
+
+# ---- bad files: each names the file and its fault --------------------------------------------------------
+
+# Published configs, as their repositories hold them: CogVideoX-2B / -5B transformers (kijai's ComfyUI-CogVideoXWrapper
+# configs/, with THUDM's bookkeeping), the CogVideoX VAE and scheduler, CogVideoX's T5-XXL text_encoder/ and
+# Phi-3.5-mini-instruct (its longrope factors shortened to one repeated value: only the fields matter here).
+COGVIDEOX_2B = {"_class_name": "CogVideoXTransformer3DModel", "_diffusers_version": "0.30.0.dev0",
+                "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 64, "dropout": 0.0,
+                "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 16, "max_text_seq_length": 226,
+                "norm_elementwise_affine": True, "norm_eps": 1e-05, "num_attention_heads": 30, "num_layers": 30,
+                "out_channels": 16, "patch_size": 2, "sample_frames": 49, "sample_height": 60, "sample_width": 90,
+                "spatial_interpolation_scale": 1.875, "temporal_compression_ratio": 4,
+                "temporal_interpolation_scale": 1.0, "text_embed_dim": 4096, "time_embed_dim": 512,
+                "timestep_activation_fn": "silu", "use_rotary_positional_embeddings": False}
+COGVIDEOX_5B = {**COGVIDEOX_2B, "num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True,
+                "use_learned_positional_embeddings": False}
+COGVIDEOX_VAE = {"_class_name": "AutoencoderKLCogVideoX", "_diffusers_version": "0.31.0.dev0", "act_fn": "silu",
+                 "block_out_channels": [128, 256, 256, 512], "down_block_types": ["CogVideoXDownBlock3D"] * 4,
+                 "force_upcast": True, "in_channels": 3, "latent_channels": 16, "latents_mean": None,
+                 "latents_std": None, "layers_per_block": 3, "norm_eps": 1e-06, "norm_num_groups": 32,
+                 "out_channels": 3, "sample_height": 480, "sample_width": 720, "scaling_factor": 0.7,
+                 "shift_factor": None, "temporal_compression_ratio": 4, "up_block_types": ["CogVideoXUpBlock3D"] * 4,
+                 "use_post_quant_conv": False, "use_quant_conv": False}
+COGVIDEOX_SCHEDULER = {"_class_name": "CogVideoXDDIMScheduler", "_diffusers_version": "0.30.0.dev0", "beta_end": 0.012,
+                       "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                       "clip_sample_range": 1.0, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+                       "rescale_betas_zero_snr": True, "sample_max_value": 1.0, "set_alpha_to_one": True,
+                       "snr_shift_scale": 3.0, "steps_offset": 0, "timestep_spacing": "trailing",
+                       "trained_betas": None}
+T5_XXL = {"_name_or_path": "google/t5-v1_1-xxl", "architectures": ["T5EncoderModel"], "classifier_dropout": 0.0,
+          "d_ff": 10240, "d_kv": 64, "d_model": 4096, "decoder_start_token_id": 0, "dense_act_fn": "gelu_new",
+          "dropout_rate": 0.1, "eos_token_id": 1, "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0,
+          "is_encoder_decoder": True, "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5",
+          "num_decoder_layers": 24, "num_heads": 64, "num_layers": 24, "output_past": True, "pad_token_id": 0,
+          "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32, "tie_word_embeddings": False,
+          "torch_dtype": "float16", "transformers_version": "4.44.0.dev0", "use_cache": True, "vocab_size": 32128}
+PHI_35_MINI = {"_name_or_path": "Phi-3.5-mini-instruct", "architectures": ["Phi3ForCausalLM"],
+               "attention_dropout": 0.0, "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config",
+                                                      "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"},
+               "bos_token_id": 1, "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 3072,
+               "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072,
+               "model_type": "phi3", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+               "original_max_position_embeddings": 4096, "pad_token_id": 32000, "resid_pdrop": 0.0,
+               "rms_norm_eps": 1e-05, "rope_scaling": {"long_factor": [1.08] * 48, "short_factor": [1.0] * 48,
+                                                       "type": "longrope"},
+               "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+               "transformers_version": "4.43.3", "use_cache": True, "attention_bias": False, "vocab_size": 32064}
+
+
+@pytest.mark.parametrize("config, cls", [
+    (COGVIDEOX_2B, CogVideoXTransformer3DModel), (COGVIDEOX_5B, CogVideoXTransformer3DModel),
+    (COGVIDEOX_VAE, AutoencoderKLCogVideoX), (COGVIDEOX_SCHEDULER, CogVideoXDDIMScheduler), (T5_XXL, T5Config),
+    (PHI_35_MINI, transformers.Phi3Config)], ids=["2b", "5b", "vae", "scheduler", "t5-xxl", "phi-3.5-mini"])
+def test_published_configs_do_not_warn(config, cls, caplog):
+    assert warn_unknown_fields(config, cls, "config.json") == [] and caplog.records == []
+
+
+def test_configs_written_today_do_not_warn(saved, caplog):
+    inspect(DEMO_MODEL_DIR)  # every component's config, as this diffusers and transformers write them
+    load_pipeline(saved[1])
+    assert [r.getMessage() for r in caplog.records if r.name == "mimir.loading"] == []
+
+
+def edit_json(file, **changes):
+    """Rename fields (old_name="new_name") in a JSON file."""
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps({changes.get(k, k): v for k, v in config.items()}))
+
+
+def test_config_typos_warn_with_the_nearest_field(saved, tmp_path, caplog):
+    folder = tmp_path / "typos"
+    shutil.copytree(saved[1], folder)
+    edit_json(folder / "transformer" / "config.json", use_rotary_positional_embeddings="use_rotary_positional_embedding")
+    edit_json(folder / "vae" / "config.json", scaling_factor="scaling_factr")
+    edit_json(folder / "text_encoder" / "config.json", layer_norm_epsilon="layer_norm_epsilo")
+    edit_json(folder / "llm" / "config.json", rms_norm_eps="rms_norm_epsilon")
+    edit_json(folder / "scheduler" / "scheduler_config.json", snr_shift_scale="snr_shift_scal")
+    load_pipeline(folder)
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "mimir.loading")
+    expected = [("llm/config.json", "rms_norm_epsilon", "Phi3Config", "rms_norm_eps"),
+                ("scheduler/scheduler_config.json", "snr_shift_scal", "CogVideoXDDIMScheduler", "snr_shift_scale"),
+                ("text_encoder/config.json", "layer_norm_epsilo", "T5Config", "layer_norm_epsilon"),
+                ("transformer/config.json", "use_rotary_positional_embedding", "CogVideoXTransformer3DModel",
+                 "use_rotary_positional_embeddings"),
+                ("vae/config.json", "scaling_factr", "AutoencoderKLCogVideoX", "scaling_factor")]
+    assert warnings == [f"{folder / file}: unknown field {typo!r} ({cls} has no such field, so it is ignored); the "
+                        f"nearest known field is {near!r}" for file, typo, cls, near in expected]
+
+
+def test_config_typo_in_single_file_metadata_warns(tmp_path, caplog):
+    model = tiny_transformer("5b")
+    config = {("use_rotary_positional_embedding" if k == "use_rotary_positional_embeddings" else k): v
+              for k, v in json.loads(model.to_json_string()).items()}
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"mimir_kind": "transformer", "config": json.dumps(config)})
+    _, info = load_transformer(path)
+    assert info.dims["positional_embeddings"] == "sincos"  # the class default: the reason the warning exists
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path} (the config in its safetensors metadata): unknown field 'use_rotary_positional_embedding' "
+        f"(CogVideoXTransformer3DModel has no such field, so it is ignored); the nearest known field is "
+        f"'use_rotary_positional_embeddings'"]
+
+
+@pytest.mark.parametrize("text, fault", [
+    (b'{"a": 1,\n "b": }', r"invalid JSON at line 2, column 7: Expecting value"),
+    (b"[1, 2]", r"expected a JSON object \(\{\.\.\.\}\), found a list"),
+    (b'"config"', r"expected a JSON object \(\{\.\.\.\}\), found a string"),
+    (b'\xff{"a": 1}', r"not UTF-8 text \(invalid start byte at byte 0\)")], ids=["invalid", "list", "string", "binary"])
+def test_broken_config_files_name_the_file_and_fault(saved, tmp_path, text, fault):
+    folder = tmp_path / "broken"
+    shutil.copytree(saved[1], folder)
+    readers = {"transformer/config.json": load_transformer, "vae/config.json": load_vae,
+               "text_encoder/config.json": load_t5, "llm/config.json": load_llm,
+               "scheduler/scheduler_config.json": load_scheduler, "llm/model.safetensors.index.json": load_llm}
+    for name, read in readers.items():
+        file = folder / name
+        original = file.read_bytes() if file.exists() else None
+        file.write_bytes(text)
+        for call in (read, inspect):
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(file))}: {fault}"):
+                call(file.parent)
+        file.write_bytes(original) if original is not None else file.unlink()
+
+
+def test_broken_config_in_metadata_names_the_file(saved, tmp_path):
+    pipe, _ = saved
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}, str(path),
+              metadata={"mimir_kind": "transformer", "config": '{"num_layers": 2,}'})
+    with pytest.raises(ValueError, match=r"dit.safetensors \(the config in its safetensors metadata\): invalid JSON "
+                                         r"at line 1, column 18: Expecting property name"):
+        load_transformer(path)
+    fuser = tmp_path / "fuser.safetensors"
+    save_file(pipe.fuser.state_dict(), str(fuser), metadata={"format": FUSER_FORMAT, "config": "[1, 2]"})
+    for call in (load_token_fuser, inspect):
+        with pytest.raises(ValueError, match=r"fuser.safetensors: the fuser config in its metadata is not valid: "
+                                             r"the fuser config must be a JSON object, not list"):
+            call(fuser)
+
+
+def truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    return file
+
+
+def test_truncated_weights_name_the_file(saved, tmp_path, monkeypatch):
+    folder = tmp_path / "truncated"
+    shutil.copytree(saved[1], folder)
+    readers = {"transformer/diffusion_pytorch_model.safetensors": load_transformer,
+               "vae/diffusion_pytorch_model.safetensors": load_vae, "text_encoder/model.safetensors": load_t5,
+               "llm/model.safetensors": load_llm, "fuser.safetensors": load_token_fuser}
+    for name, read in readers.items():
+        file = folder / name
+        original, size = file.read_bytes(), file.stat().st_size
+        truncate(file)
+        fault = rf"^{re.escape(str(file))}: truncated: {size // 2} bytes, but its header describes {size} "
+        with pytest.raises(ValueError, match=fault):
+            read(file if file.parent == folder else file.parent)
+        file.write_bytes(original)
+    # a Mimir pipeline checks its LLM's and fuser's files before it builds any model
+    monkeypatch.setattr(loading, "_build", lambda *a: pytest.fail("a model was built"))
+    for name in ("llm/model.safetensors", "fuser.safetensors"):
+        truncate(folder / name)
+        with pytest.raises(ValueError, match=rf"{name}: truncated"):
+            load_pipeline(folder)
+        shutil.copy(saved[1] / name, folder / name)
+
+
+@pytest.mark.parametrize("layer, allowed", [(-1, True), (2, True), (-3, True), (3, False), (-4, False)])
+def test_llm_hidden_layer_is_checked_where_the_llm_meets_the_fuser(saved, tmp_path, layer, allowed):
+    _, folder = saved  # its LLM has 2 layers: hidden_states has 3 entries
+    config = FuserConfig(t5_dim=32, llm_dim=48, text_len=16, stabilizer_tokens=0, instructions=(),
+                         llm_hidden_layer=layer)
+    save_fuser(TokenFuser(config), tmp_path / "fuser.safetensors")
+    if allowed:
+        assert loading.pipeline_paths(folder, fuser_path=tmp_path / "fuser.safetensors")[2] == folder / "llm"
+        return
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'fuser.safetensors'} \(with the LLM {folder / 'llm'}\): "
+                                         rf"llm_hidden_layer {layer} is out of range for an LLM with 2 layers: its "
+                                         rf"hidden_states has 3 entries, so the index must be in -3..2"):
+        load_pipeline(folder, fuser_path=tmp_path / "fuser.safetensors")
+
+
+def scaled_fp8(state: dict) -> dict:
+    """A state dict as ComfyUI's "scaled fp8" T5 files store it: each Linear weight as fp8 e4m3fn divided by its
+    scale_weight (with a scale_input), other tensors as they were, and a `scaled_fp8` marker."""
+    out = {"scaled_fp8": torch.tensor([], dtype=torch.float8_e4m3fn)}
+    for key, tensor in state.items():
+        if tensor.ndim == 2 and key.startswith("encoder.block.") and "relative_attention_bias" not in key:
+            scale = tensor.abs().max() / 448  # float8_e4m3fn's largest value
+            out[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            out[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+            out[key.removesuffix("weight") + "scale_input"] = torch.ones(())
+        else:
+            out[key] = tensor.contiguous()
+    return out
+
+
+def test_t5_scaled_fp8_file_as_comfyui_stores_it(saved, tmp_path):
+    pipe, folder = saved
+    state = {k: v for k, v in pipe.text_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    stored = scaled_fp8(state)
+    path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(stored, str(path))
+    assert sum(k.endswith((".scale_weight", ".scale_input")) for k in stored) == 24  # 2 layers x 6 Linear x 2
+    model, tokenizer, info = load_t5(path, tokenizer_path=folder / "tokenizer", dtype="fp32")
+    dequantized = {k: stored[k].float() * stored[k.removesuffix("weight") + "scale_weight"]
+                   if stored[k].dtype == torch.float8_e4m3fn else stored[k] for k in state}
+    reference = copy.deepcopy(pipe.text_encoder)
+    reference.load_state_dict(dequantized, strict=False)
+    assert same_state(model, reference) and info.layout == "single-file"
+    assert torch.equal(t5_out(model, tokenizer), t5_out(reference, tokenizer))
+    ours, original = t5_out(model, tokenizer), t5_out(pipe.text_encoder, tokenizer)
+    assert (ours - original).norm() / original.norm() < 0.1  # fp8's rounding; unscaled weights would be far off
+    assert load_t5(path, tokenizer_path=folder / "tokenizer")[0].dtype == torch.bfloat16  # fp8 computes in bf16
+    assert inspect(path)["kind"] == "t5"
+
+
+def test_vae_single_file_of_another_size_is_inspected(tmp_path):
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 16, 16, 32), layers_per_block=2, latent_channels=4,
+                                 norm_num_groups=4, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4)
+    path = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))  # no metadata, as ComfyUI's
+    info = inspect(path)
+    assert (info["kind"], info["layout"], info["vae_scaling_factor"]) == ("vae", "single-file", None)
+    assert info["dims"] == dict(latent_channels=4, block_out_channels=[8, 16, 16, 32], layers_per_block=2,
+                                temporal_compression_ratio=None)  # no weight's shape depends on it
+    with pytest.raises(ValueError, match=r"block_out_channels \[8, 16, 16, 32\], latent_channels 4\): its norm groups"):
+        load_vae(path)
+    bundled = DEMO_MODEL_DIR / "vae"
+    as_file, as_folder = inspect(bundled / "diffusion_pytorch_model.safetensors"), inspect(bundled)
+    told = ("latent_channels", "block_out_channels", "layers_per_block")
+    assert {k: as_file["dims"][k] for k in told} == {k: as_folder["dims"][k] for k in told}
+
+
+@pytest.fixture(scope="module")
+def spiece_model() -> bytes:
+    """A tiny SentencePiece model trained offline, with T5's special ids (pad 0, </s> 1, <unk> 2, no <s>)."""
+    words = BASE_WORDS
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(words[i:i + 6]) for i in range(0, len(words), 3)), model_writer=model,
+        vocab_size=60, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return model.getvalue()
+
+
+def t5_tokenizer_config(vocab_size: int) -> dict:
+    """tokenizer_config.json as CogVideoX's tokenizer/ publishes it (100 extra ids after the SentencePiece ones)."""
+    token = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+    specials = {0: "<pad>", 1: "</s>", 2: "<unk>", **{vocab_size + i: f"<extra_id_{99 - i}>" for i in range(100)}}
+    return {"add_prefix_space": True, "added_tokens_decoder": {str(i): {"content": t, **token} for i, t in specials.items()},
+            "additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)], "clean_up_tokenization_spaces": True,
+            "eos_token": "</s>", "extra_ids": 100, "legacy": True, "model_max_length": 226, "pad_token": "<pad>",
+            "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}
+
+
+@pytest.mark.parametrize("with_config", [True, False], ids=["with-tokenizer-config", "spiece-model-only"])
+def test_published_t5_tokenizer_folder_loads(saved, tmp_path, spiece_model, with_config):
+    _, folder = saved
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "spiece.model").write_bytes(spiece_model)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=spiece_model)
+    if with_config:
+        (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(t5_tokenizer_config(sp.vocab_size())))
+    _, tokenizer, _ = load_t5(folder / "text_encoder", tokenizer_path=tokenizer_dir)
+    prompt = "a red circle moves to the left"
+    assert tokenizer(prompt).input_ids == sp.encode(prompt) + [1]  # T5 appends </s>
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)) == (0, 1, sp.vocab_size() + 100)
+    assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == sp.vocab_size() + 99
+
+
+def test_broken_tokenizer_folders_name_the_cause(saved, tmp_path, spiece_model):
+    _, folder = saved
+    broken = tmp_path / "tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+    causes = [(lambda: None, "it has no vocabulary file .*; it holds tokenizer_config.json"),
+              (lambda: (broken / "spiece.model").write_bytes(b"not a model"),
+               rf"{broken / 'spiece.model'} is not a SentencePiece model"),
+              (lambda: ((broken / "spiece.model").write_bytes(spiece_model),
+                        (broken / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer",}')),
+               rf"{broken / 'tokenizer_config.json'}: invalid JSON at line 1, column 35")]
+    for make, cause in causes:
+        make()
+        with pytest.raises(ValueError, match=rf"^{broken}: the tokenizer cannot be loaded: {cause}"):
+            load_t5(folder / "text_encoder", tokenizer_path=broken)
+
+
+def phi_35_tokenizer_config() -> dict:
+    """Phi-3.5-mini-instruct's tokenizer_config.json: the Llama-2 SentencePiece model plus its chat tokens."""
+    chat = {32000: "<|endoftext|>", 32001: "<|assistant|>", 32002: "<|placeholder1|>", 32003: "<|placeholder2|>",
+            32004: "<|placeholder3|>", 32005: "<|placeholder4|>", 32006: "<|system|>", 32007: "<|end|>",
+            32008: "<|placeholder5|>", 32009: "<|placeholder6|>", 32010: "<|user|>"}
+    token = dict(lstrip=False, normalized=False, single_word=False, special=True)
+    decoder = {"0": {"content": "<unk>", "rstrip": False, **token}, "1": {"content": "<s>", "rstrip": False, **token},
+               "2": {"content": "</s>", "rstrip": True, **token, "special": False}}
+    decoder.update({str(i): {"content": t, "rstrip": i != 32000, **token} for i, t in chat.items()})
+    template = ("{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+                "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+                "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+                "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+    return {"add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<s>",
+            "chat_template": template, "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>",
+            "legacy": False, "model_max_length": 131072, "pad_token": "<|endoftext|>", "padding_side": "left",
+            "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
+            "use_default_system_prompt": False}
+
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+
+
+@pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set: the real tokenizers come from a ComfyUI checkout")
+def test_comfyui_tokenizers_load(tmp_path):
+    encoders = Path(COMFYUI) / "comfy" / "text_encoders"
+    t5 = load_tokenizer(encoders / "t5_tokenizer", model_type="t5")
+    reference = tokenizers.Tokenizer.from_file(str(encoders / "t5_tokenizer" / "tokenizer.json"))
+    prompt = "a red ball moves to the left"
+    assert t5(prompt).input_ids == reference.encode(prompt).ids and len(t5) == 32100
+    # The Llama-2 SentencePiece model, as Phi-3.5's tokenizer (its 32000 pieces, then the chat tokens). ComfyUI
+    # 0.3.64 ships it as Pile-T5's tokenizer; later versions under llama_tokenizer/.
+    sources = [encoders / "llama_tokenizer" / "tokenizer.model", encoders / "t5_pile_tokenizer" / "tokenizer.model"]
+    source = next((p for p in sources if p.is_file()), None)
+    if source is None:
+        pytest.skip(f"no Llama-2 SentencePiece model in {encoders} ({', '.join(p.parent.name for p in sources)})")
+    phi = tmp_path / "phi-3.5-mini"
+    phi.mkdir()
+    shutil.copy(source, phi / "tokenizer.model")
+    (phi / "tokenizer_config.json").write_text(json.dumps(phi_35_tokenizer_config()))
+    (phi / "config.json").write_text(json.dumps(PHI_35_MINI))
+    tokenizer, sp = load_tokenizer(phi), sentencepiece.SentencePieceProcessor(model_file=str(source))
+    assert tokenizer(prompt).input_ids == sp.encode(prompt) and sp.vocab_size() == 32000
+    assert tokenizer.convert_tokens_to_ids(["<|user|>", "<|end|>", "<|assistant|>"]) == [32010, 32007, 32001]
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (32000, 32000, 32011)
+    assert chat_template_parts(tokenizer) == ([32010], [32007, 32001])
 
 
 # ---- inspect ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ loading, type conversions (CONDITIONING, LATENT order and scaling, IMAGE) and no
 """
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from mimir.fuser import save_fuser
 from mimir.loading import save_pipeline, save_single_file
-from mimir.pipeline import MimirPipeline
+from mimir.pipeline import MimirPipeline, TextStream
 from mimir.testing import real_scheduler, tiny_components
 from mimir.text import LLMTextEncoder, encode_t5
 
@@ -403,7 +404,85 @@ def test_fp8_storage_and_block_swap(nodes, pack):
     assert torch.equal(sample(nodes, swapped, pos, neg)["samples"], reference)
 
 
+def test_a_denoise_that_rounds_to_no_step_runs_one(nodes, tiny):
+    """steps 50 x denoise 0.01 rounds to 0 steps, which crashed with a tensor-size error."""
+    _, c, _ = tiny
+    m = load_all(nodes)
+    latent = run(nodes, "MimirVAEEncode", vae=m["vae"], images=torch.rand(9, 32, 32, 3))[0]
+    pos, neg = encode(nodes, m)[0], encode(nodes, m, prompt="")[0]
+    out = sample(nodes, m["model"], pos, neg, latent=latent, steps=50, denoise=0.01)
+    pipe = MimirPipeline(**c)
+    cond, uncond = pipe.encode_prompt(PROMPT, "")
+    one_step = pipe.denoise(cond, uncond, 9, 32, 32, steps=50, guidance=6.0, seed=3, latents=to_diffusion(latent),
+                            strength=0.02)  # round(50 x 0.02) == 1
+    assert (to_diffusion(out) - one_step).abs().max() <= 1e-5
+
+
+# ---- conditioning as ComfyUI's samplers read it -------------------------------------------------------------------
+
+def with_option(cond, **options):
+    return [[t, {**old, **options}] for t, old in cond]
+
+
+def ranged(cond, start, end):
+    """What ComfyUI's ConditioningSetTimestepRange makes of a conditioning."""
+    return with_option(cond, start_percent=start, end_percent=end)
+
+
+def test_timestep_ranges_and_combined_entries_are_the_library_s(nodes, tiny):
+    _, c, _ = tiny
+    m = load_all(nodes)
+    pos, other, neg = (encode(nodes, m, prompt=p)[0] for p in (PROMPT, "a blue square", ""))
+    plain = sample(nodes, m["model"], pos, neg, steps=4)["samples"]
+    assert torch.equal(sample(nodes, m["model"], ranged(pos, 0.0, 1.0), ranged(neg, 0.0, 1.0), steps=4)["samples"],
+                       plain)
+    weighted = with_option(other, strength=3.0)  # ConditioningSetAreaStrength
+    combined = ranged(pos, 0.0, 0.5) + weighted  # ConditioningCombine: the lists joined
+    out = sample(nodes, m["model"], combined, neg, steps=4)
+    pipe = MimirPipeline(**c)
+    a, b, n = (pipe.encode_prompt(p, None)[0] for p in (PROMPT, "a blue square", ""))
+    expected = pipe.denoise([TextStream(a, end=0.5), TextStream(b, strength=3.0)], n, 9, 32, 32, steps=4,
+                            guidance=6.0, seed=3)
+    assert (to_diffusion(out) - expected).abs().max() <= 1e-5
+    assert (out["samples"] - plain).abs().max() > 1e-2
+
+
+def test_conditioning_options_the_sampler_cannot_honour_are_refused(nodes):
+    m = load_all(nodes)
+    pos, neg = encode(nodes, m)[0], encode(nodes, m, prompt="")[0]
+    cases = [
+        (dict(positive=with_option(pos, area=(8, 8, 0, 0))), "^positive: the conditioning option 'area' is not supp"),
+        (dict(negative=neg + with_option(neg, mask=torch.ones(1, 32, 32))), "^negative entry 2: .*'mask'"),
+        (dict(positive=with_option(pos, control=object(), gligen=None)), "^positive: .*'control'"),
+        (dict(positive=with_option(pos, strength=-1.0)), "^positive: strength must be a finite number >= 0"),
+        (dict(positive=ranged(pos, 0.0, 0.5)), "^positive: no conditioning entry of strength > 0 is active"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sample(nodes, m["model"], pos, neg, **overrides)
+
+
 # ---- errors name the input at fault ---------------------------------------------------------------------------
+
+def test_bad_video_sizes_are_refused_when_the_graph_is_queued(nodes, monkeypatch):
+    """ComfyUI calls VALIDATE_INPUTS at queue time with only the inputs it names, linked ones as None, and skips
+    its own min/max check for those: a bad size is refused before any loader runs."""
+    validate = nodes["MimirSampler"].VALIDATE_INPUTS
+    assert inspect.getfullargspec(validate).args == ["cls", "width", "height", "frames"]
+    assert validate(width=720, height=480, frames=49) is True and validate() is True  # all linked: run time
+    assert validate(width=32, height=32, frames=12).startswith("frames must be") and "got 12" in validate(frames=12)
+    assert validate(width=40, height=None, frames=None).startswith("width must be a positive multiple of 16")
+    assert validate(height=30).startswith("height must be")
+    assert validate(frames=5000) == "frames must be in 1..1025, got 5000"
+    assert validate(width=0) == "width must be in 16..4096, got 0"
+
+    def rule(frames, height, width):
+        raise ValueError(f"rule got {frames} {height} {width}")
+
+    monkeypatch.setattr(f"{nodes['MimirSampler'].__module__}.check_video_size", rule)  # the library's, not a copy
+    assert validate(height=32) == "rule got 49 32 720"  # unknown values stand in as the widgets' valid defaults
+
+
 
 def test_sampler_errors_name_the_input(nodes):
     m = load_all(nodes)
@@ -412,10 +491,9 @@ def test_sampler_errors_name_the_input(nodes):
     clip_like = [[torch.zeros(1, 77, 768), {}]]
     bad_latent = {"samples": torch.zeros(1, 4, 8, 8)}
     cases = [
-        (dict(frames=10), "^frames must be 4k"),
+        (dict(frames=10), "^frames must be 8k"),
         (dict(width=40), "^width must be"),
         (dict(positive=clip_like), "^positive: .*768"),
-        (dict(positive=pos + pos), "^positive: 2 conditioning entries"),
         (dict(negative=t5_only), "^negative: "),
         (dict(latent=bad_latent, denoise=0.5), "^latent: "),
         (dict(scheduler="euler"), "^scheduler: "),
@@ -425,7 +503,7 @@ def test_sampler_errors_name_the_input(nodes):
             sample(nodes, m["model"], pos, neg, **overrides)
     with pytest.raises(ValueError, match="^samples: "):
         run(nodes, "MimirDecode", vae=m["vae"], samples=bad_latent, tiling=False)
-    with pytest.raises(ValueError, match="^images: frames must be 4k"):
+    with pytest.raises(ValueError, match="^images: frames must be 8k"):
         run(nodes, "MimirVAEEncode", vae=m["vae"], images=torch.rand(8, 32, 32, 3))
 
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
 from diffusers import CogVideoXPipeline
+from diffusers.utils.torch_utils import randn_tensor
 
 from mimir.offload import Placement
-from mimir.pipeline import MimirPipeline, check_video_size
+from mimir.pipeline import MimirPipeline, TextStream, check_video_size
 from mimir.testing import tiny_components
 
 PROMPT = "a red circle moves to the left"
@@ -109,8 +110,8 @@ def test_decode_gives_frames_in_unit_range():
     torch.testing.assert_close(tiled, frames)
 
 
-@pytest.mark.parametrize("frames,h,w,msg", [(10, 32, 32, "4k\\+1"), (9, 30, 32, "height must be a positive multiple of 16"),
-                                            (9, 32, 40, "width must be"), (0, 32, 32, "4k\\+1")])
+@pytest.mark.parametrize("frames,h,w,msg", [(10, 32, 32, "8k\\+1"), (13, 32, 32, "8k\\+1"), (9, 30, 32, "height must be a positive multiple of 16"),
+                                            (9, 32, 40, "width must be"), (0, 32, 32, "8k\\+1")])
 def test_bad_video_sizes_are_refused(frames, h, w, msg):
     with pytest.raises(ValueError, match=msg):
         check_video_size(frames, h, w)
@@ -150,3 +151,105 @@ def test_sincos_transformer_takes_a_stream_of_another_length():
     ours = pipe.denoise(t5[:1], t5[1:], 9, 32, 32, steps=2)
     assert torch.equal(ours, expected)
     assert c["transformer"].config.max_text_seq_length == 16
+
+
+def test_steps_are_checked_before_any_model_runs():
+    pipe = MimirPipeline(**tiny_components(variant="5b"))
+    cond, uncond = pipe.encode_prompt(PROMPT)
+    for steps in (0, -3):
+        with pytest.raises(ValueError, match=f"^steps must be a whole number of at least 1, got {steps}"):
+            pipe.denoise(cond, uncond, 9, 32, 32, steps=steps)
+    pipe.text_encoder = None  # encoding would now fail otherwise: the check comes first
+    with pytest.raises(ValueError, match="^steps must be"):
+        pipe(PROMPT, num_frames=9, height=32, width=32, steps=0)
+
+
+def test_a_strength_that_rounds_to_no_step_runs_one():
+    """50 steps at strength 0.01 used to give no timestep at all (round(0.5) == 0) and a tensor-size error."""
+    pipe = MimirPipeline(**tiny_components(variant="5b"))
+    cond, uncond = pipe.encode_prompt(PROMPT)
+    start = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+    out = pipe.denoise(cond, uncond, 9, 32, 32, steps=50, latents=start, strength=0.01,
+                       callback=lambda i, n, x: seen.append((i, n)))
+    assert seen == [(1, 1)]
+    assert torch.equal(out, pipe.denoise(cond, uncond, 9, 32, 32, steps=50, latents=start, strength=0.02))
+
+
+# ---- several conditioning entries, as ComfyUI's samplers combine them -----------------------------------------
+
+def streams(count, seed=0):
+    """Random text streams as the tiny 2B transformer reads them (16 tokens, 32 wide)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 16, 32, generator=generator) for _ in range(count)]
+
+
+def test_timestep_ranges_follow_comfyui_percents():
+    """ComfyUI maps percent p to the sigma of timestep (1 - p) x 999 (percent_to_sigma) and runs an entry when
+    sigma_end <= sigma <= sigma_start; 0 and 1 are open ends."""
+    tokens = torch.zeros(1, 1, 1)
+    first_half, second_half = TextStream(tokens, start=0.0, end=0.5), TextStream(tokens, start=0.5, end=1.0)
+    assert [first_half.active(t, 999) for t in (999, 500, 499, 0)] == [True, True, False, False]
+    assert [second_half.active(t, 999) for t in (999, 500, 499, 0)] == [False, False, True, True]
+    assert not TextStream(tokens, start=1.0).active(0, 999) and not TextStream(tokens, end=0.0).active(999, 999)
+    for bad, message in [(dict(strength=-1.0), "^strength must be"), (dict(strength=float("nan")), "^strength"),
+                         (dict(end=1.5), "^end percent must be in")]:
+        with pytest.raises(ValueError, match=message):
+            TextStream(tokens, **bad)
+
+
+def test_timestep_ranges_switch_prompts_as_diffusers_does_with_switched_embeddings():
+    c = tiny_components(variant="2b", stabilizer_tokens=0)
+    a, b, negative = streams(3)
+    ref = CogVideoXPipeline(c["tokenizer"], c["text_encoder"], c["vae"], c["transformer"], c["scheduler"])
+    ref.set_progress_bar_config(disable=True)
+
+    def to_b_after_two_steps(pipe, i, t, tensors):  # 4 steps: timesteps 999, 749 | 499, 249
+        return {"prompt_embeds": torch.cat([negative, b])} if i == 1 else {}
+
+    expected = ref(prompt_embeds=a, negative_prompt_embeds=negative, num_frames=9, height=32, width=32,
+                   num_inference_steps=4, guidance_scale=6.0, generator=torch.Generator().manual_seed(0),
+                   output_type="latent", callback_on_step_end=to_b_after_two_steps,
+                   callback_on_step_end_tensor_inputs=["prompt_embeds"]).frames
+    pipe = MimirPipeline(**c)
+    split = [TextStream(a, start=0.0, end=0.5), TextStream(b, start=0.5, end=1.0)]
+    ours = pipe.denoise(split, negative, 9, 32, 32, steps=4)
+    assert (ours - expected).abs().max() <= 1e-5
+    assert (ours - pipe.denoise(a, negative, 9, 32, 32, steps=4)).abs().max() > 1e-2
+    whole = pipe.denoise([TextStream(a, start=0.0, end=1.0)], [TextStream(negative)], 9, 32, 32, steps=4)
+    assert torch.equal(whole, pipe.denoise(a, negative, 9, 32, 32, steps=4))
+
+
+def hand_sampled(c, positive, negative, steps=4, guidance=6.0, seed=0):
+    """The reference: the transformer and DDIM scheduler stepped by hand, one forward per entry;
+    positive(t) / negative(t) -> the [(stream, strength)] active at timestep t."""
+    transformer, scheduler = c["transformer"], c["scheduler"]
+
+    def mean(entries, x, t):
+        preds = [transformer(hidden_states=x, encoder_hidden_states=s, timestep=t.expand(1), return_dict=False)[0] * w
+                 for s, w in entries]
+        return sum(preds) / sum(w for _, w in entries)
+
+    scheduler.set_timesteps(steps)
+    x = randn_tensor((1, 3, 4, 4, 4), generator=torch.Generator().manual_seed(seed))
+    for t in scheduler.timesteps:
+        uncond, cond = mean(negative(t), x, t), mean(positive(t), x, t)
+        x = scheduler.step(uncond + guidance * (cond - uncond), t, x, return_dict=False)[0]
+    return x
+
+
+def test_several_entries_average_their_predictions_by_strength():
+    c = tiny_components(variant="2b", stabilizer_tokens=0)
+    a, b, n, m = streams(4)
+    expected = hand_sampled(c, lambda t: [(a, 1.0), (b, 3.0)], lambda t: [(n, 1.0)] + ([(m, 1.0)] if t < 500 else []))
+    pipe = MimirPipeline(**c)
+    ours = pipe.denoise([TextStream(a), TextStream(b, strength=3.0)],
+                        [TextStream(n), TextStream(m, start=0.5, end=1.0)], 9, 32, 32, steps=4)
+    assert (ours - expected).abs().max() <= 1e-5
+    unweighted = pipe.denoise([TextStream(a), TextStream(b)], [TextStream(n), TextStream(m, start=0.5)], 9, 32, 32,
+                              steps=4)
+    assert (ours - unweighted).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="^positive: no conditioning entry of strength > 0 is active at timestep 499"):
+        pipe.denoise([TextStream(a, end=0.5)], n, 9, 32, 32, steps=4)
+    with pytest.raises(ValueError, match=r"^negative: entry 2 has shape \[1, 8, 32\] but positive entry 1 has"):
+        pipe.denoise(a, [TextStream(n), TextStream(m[:, :8])], 9, 32, 32, steps=4)

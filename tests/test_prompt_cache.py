@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mimir.pipeline import MimirPipeline
-from mimir.prompt_cache import PromptCache, encode_features_cached, encoding_key_parts, model_identity
+from mimir.prompt_cache import PromptCache, encode_features_cached, encoding_key_parts, files_identity, model_identity
 from mimir.testing import tiny_components, tiny_llm, tiny_t5
 
 PROMPT = "a red circle moves to the left"
@@ -31,21 +31,30 @@ def assert_same(a, b):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-def test_get_or_encode_second_call_skips_the_encoder(tmp_path, components):
+def test_second_call_skips_the_encoders_and_keeps_one_file_per_prompt(tmp_path, components):
+    """The key must not change after the first encode (a fast tokenizer keeps its last padding/truncation state,
+    which was part of the T5 identity: every prompt was stored twice)."""
     pipe = MimirPipeline(**components)
     cache = PromptCache(tmp_path)
-    parts = encoding_key_parts(PROMPT, "t5-id", "llm-id", pipe.fuser.config)
-    calls = []
+    runs = Counting(pipe.llm, pipe.text_encoder)
+    first = encode_features_cached(pipe, ["", PROMPT], cache)
+    assert runs.calls > 0
+    runs.calls = 0
+    for _ in range(2):
+        assert_same(encode_features_cached(pipe, ["", PROMPT], cache), first)
+    assert runs.calls == 0
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
-    def encode():
-        calls.append(1)
-        return pipe.encode_features([PROMPT])
 
-    first = cache.get_or_encode(parts, encode)
-    second = cache.get_or_encode(parts, encode)
-    assert len(calls) == 1
-    assert_same(first, second)
-    assert list(tmp_path.glob("*.safetensors")) == [cache.path(parts)]
+def test_a_cache_folder_that_cannot_be_written_warns_and_runs_uncached(tmp_path, components, caplog):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")  # mkdir fails, even as root
+    pipe = MimirPipeline(**components)
+    reference = pipe.encode_features([PROMPT])
+    with caplog.at_level("WARNING"):
+        features = encode_features_cached(pipe, [PROMPT], PromptCache(blocked))
+    assert_same(features, reference)
+    assert "cannot write to" in caplog.text and str(blocked) in caplog.text
 
 
 def test_pipeline_with_cache_runs_no_encoder_on_a_repeated_prompt(tmp_path, components):
@@ -117,11 +126,18 @@ def test_model_identity_tells_models_apart(tmp_path, components):
 def test_damaged_cache_file_is_re_encoded(tmp_path, components):
     pipe = MimirPipeline(**components)
     cache = PromptCache(tmp_path)
-    parts = encoding_key_parts(PROMPT, "t5", "llm", pipe.fuser.config)
-    first = cache.get_or_encode(parts, lambda: pipe.encode_features([PROMPT]))
-    cache.path(parts).write_bytes(b"not safetensors")
-    assert cache.get(parts) is None
-    assert_same(cache.get_or_encode(parts, lambda: pipe.encode_features([PROMPT])), first)
+    first = encode_features_cached(pipe, [PROMPT], cache)
+    [stored] = tmp_path.glob("*.safetensors")
+    stored.write_bytes(b"not safetensors")
+    assert_same(encode_features_cached(pipe, [PROMPT], cache), first)
+    assert stored.read_bytes() != b"not safetensors"  # stored again
+
+
+def test_files_identity_keys_on_the_dtype(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    ids = {files_identity([tmp_path], dtype) for dtype in ("fp32", "bf16", "fp16", None)}
+    assert len(ids) == 4
+    assert files_identity([tmp_path], "fp32") == files_identity([tmp_path], torch.float32)
 
 
 def test_default_folder_follows_the_environment(tmp_path, monkeypatch):

@@ -70,6 +70,19 @@ def test_answer_tokens_are_greedy_continuation_and_hidden_layer_is_selectable():
     torch.testing.assert_close(tokens[-len(answer):], hidden[len(context):])
 
 
+def test_answer_is_cut_at_every_end_id_of_the_generation_config():
+    """Phi-3.5 stops at <|end|> (32007, in generation_config.eos_token_id), not at the tokenizer's eos (32000):
+    the stop token's state must not join the answer."""
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok)
+    enc = LLMTextEncoder(llm, tok, llm_config(llm, answer_tokens=4, stabilizer_tokens=0, instructions=()))
+    context = enc.prefix + enc._ids(PROMPT) + enc.suffix
+    free = enc._answer(context, None, None)
+    assert len(free) >= 2 and tok.eos_token_id not in free[:2]
+    llm.generation_config.eos_token_id = [free[1], tok.eos_token_id]  # as Phi-3.5's list of end ids
+    assert enc._answer(context, None, None) == free[:1]
+
+
 def test_sampled_answers_need_a_seed_and_are_reproducible():
     tok = word_tokenizer(kind="llm")
     llm = tiny_llm(tok)
@@ -117,3 +130,12 @@ def test_llm_with_wrong_hidden_size_is_refused():
     llm = tiny_llm(tok, hidden_size=48)
     with pytest.raises(ValueError, match="hidden size 3072.*has hidden size 48"):
         LLMTextEncoder(llm, tok, FuserConfig())
+
+
+def test_llm_hidden_layer_out_of_range_is_refused_before_encoding():
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok)  # 2 layers: hidden_states has 3 entries
+    LLMTextEncoder(llm, tok, llm_config(llm, llm_hidden_layer=-3))
+    with pytest.raises(ValueError, match=r"the fuser: llm_hidden_layer 3 is out of range for an LLM with 2 layers: "
+                                         r"its hidden_states has 3 entries, so the index must be in -3..2"):
+        LLMTextEncoder(llm, tok, llm_config(llm, llm_hidden_layer=3))

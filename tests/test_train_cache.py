@@ -62,9 +62,9 @@ def test_cache_resumes_missing_shards_only(world_clips, tmp_path, capsys):
 def test_cache_refuses_other_settings(world_clips, tiny_run, tmp_path):
     config = TrainConfig(data=str(world_clips(5)), cache=str(tmp_path / "cache"), cache_shard_size=8, **tiny_run)
     build_cache(config, tiny_train_components(), progress=False)
-    other = TrainConfig(**{**config.to_dict(), "num_frames": 5})
-    with pytest.raises(ValueError, match="num_frames: cache has 9, this run 5"):
+    other = TrainConfig(**{**config.to_dict(), "num_frames": 17})
+    with pytest.raises(ValueError, match="num_frames: cache has 9, this run 17"):
         build_cache(other, tiny_train_components(), progress=False)
-    with pytest.raises(ValueError, match="num_frames: cache has 9, this run 5"):
+    with pytest.raises(ValueError, match="num_frames: cache has 9, this run 17"):
         train(TrainConfig(**{**other.to_dict(), "output_dir": str(tmp_path / "run")}), tiny_train_components(),
               progress=False)

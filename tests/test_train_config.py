@@ -27,7 +27,8 @@ def test_yaml_json_and_overrides_typed(tmp_path):
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"num_frames": 10}, "frames must be 4k+1"),
+    ({"num_frames": 10}, "frames must be 8k+1"),
+    ({"num_frames": 13}, "frames must be 8k+1"),
     ({"height": 40}, "height must be a positive multiple of 16"),
     ({"width": 0}, "width must be a positive multiple of 16"),
     ({"warmup_step": 10}, "unknown config field(s) 'warmup_step' (did you mean 'warmup_steps'?)"),
@@ -55,7 +56,7 @@ def test_cli_refuses_before_any_work(tmp_path, capsys):
             main_train(argv)
         assert exit_.value.code == 2
     errors = capsys.readouterr().err
-    assert "frames must be 4k+1 (1, 5, 9, ..., 49), got 12" in errors
+    assert "frames must be 8k+1 (1, 9, 17, ..., 49, ..., 81), got 12" in errors
     assert "unknown config field(s) 'colour'" in errors
     assert "data " + str(tmp_path / "missing") + ": no such file or folder" in errors
     assert "needs data= (a dataset) or cache=" in errors

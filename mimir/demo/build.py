@@ -53,7 +53,7 @@ class Recipe:
 
     seed: int = 0
     clips: int = 2000  # training clips of the world (train split)
-    frames: int = 9  # 4k+1; 3 latent frames
+    frames: int = 9  # 8k+1; 3 latent frames
     size: int = 64  # square frames; 8 x 8 latents
     # VAE (AutoencoderKLCogVideoX, layers_per_block 1)
     vae_channels: tuple[int, ...] = (8, 16, 32, 32)
@@ -410,15 +410,20 @@ def _write_model(pipe: MimirPipeline, out: Path, info: dict, recipe: Recipe) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mimir.demo.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="model folder to write (replaced)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help=f"model folder to write (replaced); the bundled model is {DEMO_MODEL_DIR}, which "
+                             f"also needs --overwrite-bundled")
+    parser.add_argument("--overwrite-bundled", action="store_true",
+                        help="allow --out to be the bundled model folder (inside the installed package)")
     parser.add_argument("--work", type=Path, help="keep clips, cache and training run here (default: a temp dir)")
-    parser.add_argument("--quick", action="store_true", help="a few steps of every stage (CI); needs --out")
+    parser.add_argument("--quick", action="store_true", help="a few steps of every stage (CI)")
     parser.add_argument("--no-fuser", action="store_true", help="the ablation arm: T5 only, fuser at its zero init")
     parser.add_argument("--reuse", type=Path, help="take VAE, tokenizers, T5 and LLM from this model folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.quick and args.out == DEMO_MODEL_DIR:
-        parser.error("--quick would overwrite the bundled model: give --out")
+    if args.out.resolve() == DEMO_MODEL_DIR.resolve() and (args.quick or not args.overwrite_bundled):
+        parser.error(f"--out {args.out} is the bundled model: " + ("a --quick build never replaces it" if args.quick
+                     else "add --overwrite-bundled to replace it"))
     changes = dict(seed=args.seed, fuser=not args.no_fuser)
     recipe = Recipe.quick(**changes) if args.quick else Recipe(**changes)
     info = build(recipe, args.out, args.work, args.reuse)

@@ -3,7 +3,9 @@
     mimir train --config FILE [--resume [CHECKPOINT]] [key=value ...]
     mimir cache --config FILE [key=value ...]
 
-Both read a TrainConfig (YAML or JSON; every field can be overridden as key=value). Multi-process runs start
+Both read a TrainConfig (YAML or JSON; every field can be overridden as key=value). Exit codes: 0 done, 2 refused
+before any work (a bad config, missing inputs, a resume that would lose work), 1 stopped during the work with a
+message saying what was kept (a failed write such as a full disk, a non-finite loss). Multi-process runs start
 the same commands under `accelerate launch` with a launch config that names the processes (e.g. `accelerate
 launch --config_file mimir/train/configs/accelerate_ddp.yaml -m mimir.train --config FILE`; `-m mimir.cli cache`
 for the cache).
@@ -22,6 +24,7 @@ from .cache import build_cache, read_meta
 from .config import TrainConfig, load_config
 from .loop import train
 from .model import fuser_file
+from .storage import RunFailed
 
 
 def _fields_help() -> str:
@@ -70,7 +73,7 @@ def show_messages() -> None:
 
 
 def main_train(argv: list[str] | None = None) -> int:
-    """`mimir train`: exit code 0, or 2 (argparse's) for a refused config before any work."""
+    """`mimir train`: exit code 0, 2 (argparse's) for a refused config before any work, 1 for a stopped run."""
     parser = _parser("mimir train", "Train the Mimir token fuser and the CogVideoX DiT end-to-end.")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue the run in output_dir from its newest checkpoint (or the one given)")
@@ -86,6 +89,9 @@ def main_train(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"mimir train: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:
+        print(f"mimir train: stopped: {error}", file=sys.stderr)
+        return 1
     shown = {k: summary[k] for k in ("run_dir", "steps", "first_loss", "final_loss", "skipped_videos", "checkpoint",
                                      "export", "loss_curve", "steps_per_second")}
     print(json.dumps(shown, indent=2))
@@ -93,7 +99,7 @@ def main_train(argv: list[str] | None = None) -> int:
 
 
 def main_cache(argv: list[str] | None = None) -> int:
-    """`mimir cache`: exit code 0, or 2 for a refused config before any work."""
+    """`mimir cache`: exit code 0, 2 for a refused config before any work, 1 for a failed write."""
     parser = _parser("mimir cache", "Precompute VAE latents and T5 + LLM features into a resumable cache folder.")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -107,6 +113,9 @@ def main_cache(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"mimir cache: error: {error}", file=sys.stderr)
         return 2
+    except RunFailed as error:
+        print(f"mimir cache: stopped: {error}", file=sys.stderr)
+        return 1
     print(json.dumps({k: summary[k] for k in ("cache", "shards", "clips")} | {"skipped_videos": len(summary["skipped"])},
                      indent=2))
     return 0

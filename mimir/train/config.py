@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class TrainConfig:
     # ---- data ------------------------------------------------------------------------------------------
     data: str | None = None  # folder of videos + same-name .txt captions, or a .csv / .jsonl of (video, caption)
     cache: str | None = None  # feature cache folder: written by `mimir cache`, read by `mimir train`
-    num_frames: int = 49  # 4k+1
+    num_frames: int = 49  # 8k+1
     height: int = 480  # multiple of 16
     width: int = 720  # multiple of 16
     frame_stride: int = 1  # read every n-th frame
@@ -53,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 1e-4  # on matrices only, not on biases, scales or norms
     optimizer: str = "auto"  # auto (8-bit AdamW with bitsandbytes on CUDA, not under DeepSpeed) | adamw | adamw8bit
     max_grad_norm: float = 1.0  # 0 disables clipping
+    nonfinite: str = "stop"  # a step whose loss or gradient norm is nan/inf: stop (saving nothing of it) | skip
     warmup_steps: int = 100
     lr_schedule: str = "constant"  # constant | cosine (to zero at max_steps), both after a linear warm-up
     mixed_precision: str = "no"  # no | bf16 | fp16; frozen weights are stored in this dtype too
@@ -78,12 +80,14 @@ class TrainConfig:
     export_dtype: str = "source"  # source (the dtype of the files they started from) | fp32 | bf16 | fp16
 
     def __post_init__(self):
+        _check_finite(self)
         check_video_size(self.num_frames, self.height, self.width)
         _choose("dit", self.dit, ("full", "lora", "frozen"))
         _choose("optimizer", self.optimizer, ("auto", "adamw", "adamw8bit"))
         _choose("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choose("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choose("device", self.device, ("auto", "cpu", "cuda"))
+        _choose("nonfinite", self.nonfinite, ("stop", "skip"))
         _choose("export_dtype", self.export_dtype, ("source", "fp32", "bf16", "fp16"))
         for name in ("max_steps", "batch_size", "grad_accum", "frame_stride", "keep_checkpoints", "lora_rank",
                      "cache_shard_size", "validation_steps", "validation_fps", "log_every", "collective_timeout"):
@@ -118,6 +122,14 @@ class TrainConfig:
 def _choose(name: str, value, options: tuple) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+
+
+def _check_finite(config: TrainConfig) -> None:
+    """nan passes every comparison test (nan <= 0 is False): refuse nan and inf in any float field first."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 def _at_least(name: str, value, low) -> None:

@@ -1,11 +1,12 @@
 """Training data: (video, caption) lists, clip decoding, and the sample order shared by every process.
 
 A dataset is a folder of videos with same-name `.txt` captions, a `.csv` with `video` and `caption` columns, or
-a `.jsonl` of {"video": path, "caption": text}; relative paths are relative to the list file. A clip is F = 4k+1
+a `.jsonl` of {"video": path, "caption": text}; relative paths are relative to the list file. A clip is F = 8k+1
 frames from the start of the video, every `frame_stride`-th, resized and centre-cropped to height x width.
 
-A video that is missing, broken or too short is skipped with a warning and reported in the run summary; its
-sample slot is filled by the next readable video, so every batch stays full and the order stays deterministic.
+A video that is missing, broken or too short, or whose caption is not UTF-8 text, is skipped with a warning and
+reported in the run summary; its sample slot is filled by the next readable video, so every batch stays full and
+the order stays deterministic. Empty captions are kept (they train like dropped ones) with a warning.
 """
 
 from __future__ import annotations
@@ -33,18 +34,29 @@ class Clip:
 
 def read_clips(source) -> tuple[list[Clip], dict[str, str]]:
     """-> (clips, skipped {path: reason}) for a folder, a .csv or a .jsonl."""
-    source = Path(source)
+    clips, skipped = _read_listing(Path(source))
+    for where, reason in skipped.items():
+        logger.warning("skipping %s: %s", where, reason)
+    empty = [str(c.video) for c in clips if not c.caption.strip()]
+    if empty:
+        logger.warning("%d clip(s) have an empty caption and train as unconditional samples: %s", len(empty),
+                       ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
+    return clips, skipped
+
+
+def _read_listing(source: Path):
+    # CSV and JSONL are read with undecodable bytes kept as surrogates, so one bad row is skipped, not the file
     if source.is_dir():
         return _folder_clips(source)
     if source.suffix.lower() == ".csv":
-        with source.open(newline="") as f:
+        with source.open(newline="", errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
         if rows and not {"video", "caption"} <= set(rows[0]):
             raise ValueError(f"{source}: a CSV dataset needs the columns 'video' and 'caption', has {list(rows[0])}")
         return _listed_clips(source, [(i + 2, row) for i, row in enumerate(rows)])
     if source.suffix.lower() == ".jsonl":
         rows, skipped = [], {}
-        for number, line in enumerate(source.read_text().splitlines(), start=1):
+        for number, line in enumerate(source.read_text(errors="surrogateescape").splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append((number, json.loads(line)))
@@ -59,10 +71,13 @@ def _folder_clips(folder: Path):
     clips, skipped = [], {}
     for video in sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS):
         caption = video.with_suffix(".txt")
-        if caption.is_file():
-            clips.append(Clip(video, caption.read_text().strip()))
-        else:
+        if not caption.is_file():
             skipped[str(video)] = f"no caption file {caption.name}"
+            continue
+        try:
+            clips.append(Clip(video, caption.read_bytes().decode("utf-8").strip()))
+        except UnicodeDecodeError as error:
+            skipped[str(video)] = f"caption file {caption} is not UTF-8 text ({error})"
     return clips, skipped
 
 
@@ -72,8 +87,20 @@ def _listed_clips(source: Path, rows):
         if not isinstance(row, dict) or not isinstance(row.get("video"), str) or not isinstance(row.get("caption"), str):
             skipped[f"{source}:{number}"] = 'needs a "video" path and a "caption" text'
             continue
+        if not (_utf8(row["video"]) and _utf8(row["caption"])):
+            skipped[f"{source}:{number}"] = "video or caption is not UTF-8 text"
+            continue
         clips.append(Clip(source.parent / row["video"], row["caption"]))
     return clips, skipped
+
+
+def _utf8(text: str) -> bool:
+    """False for text read with errors="surrogateescape" from bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_clip(clip: Clip, num_frames: int, height: int, width: int, stride: int) -> torch.Tensor:

@@ -19,9 +19,11 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +49,7 @@ from .cache import (
     stack_features,
 )
 from .checkpoint import (
+    check_resume_point,
     list_checkpoints,
     load_checkpoint,
     register_weight_hooks,
@@ -57,7 +60,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import GlobalOrder, VideoDataset, collate, read_clips
 from .export import export_model
-from .metrics import Metrics
+from .metrics import Metrics, read_metrics
 from .model import (
     Denoiser,
     LRSchedule,
@@ -75,8 +78,10 @@ from .model import (
     use_8bit_adam,
     write_fresh_fuser,
 )
+from .storage import RunFailed, reported_write, write_text
 
 logger = logging.getLogger(__name__)
+EXPORT_INFO = "export.json"  # in export/: the step the export was written at and its files
 DIT_BLOCK = "CogVideoXBlock"  # FSDP's unit when the accelerate config names none
 SCHEDULE_FIELDS = ("lr", "fuser_lr", "warmup_steps", "max_steps", "lr_schedule", "weight_decay", "adam_beta1",
                    "adam_beta2", "adam_eps")  # what a resumed run takes from its own config, not the checkpoint
@@ -103,12 +108,15 @@ class Run:
     trainable: dict
     fuser_source: Path | None  # the fuser file the run started from (None: the components' own)
     start_step: int = 0
+    checkpoint: Path | None = None  # the newest checkpoint: the one resumed from, then each one written
+    skipped_steps: list[int] = field(default_factory=list)  # steps not applied: non-finite loss or gradient norm
 
 
 def train(config: TrainConfig, components: dict | None = None, on_step: StepHook | None = None,
           progress: bool = True) -> dict:
     """Train (or resume) the run in `config.output_dir`. `components`: MimirPipeline keyword arguments to use
-    instead of loading `config.model`. -> run summary (also written to summary.json)."""
+    instead of loading `config.model`. A resumed run already at max_steps only completes what its killed session
+    left out (the export, the summary). -> run summary (also written to summary.json)."""
     started = time.perf_counter()
     run = setup(config, components)
     run_dir, main = Path(config.output_dir), run.accelerator.is_main_process
@@ -116,20 +124,24 @@ def train(config: TrainConfig, components: dict | None = None, on_step: StepHook
     metrics = Metrics(run_dir, run.start_step, main, config.tensorboard)
     bar = tqdm(total=config.max_steps, initial=run.start_step, desc="training", unit="step",
                disable=not (progress and main))
-    losses, checkpoint, loop_start = [], None, time.perf_counter()
+    losses, loop_start = [], time.perf_counter()
     for step in range(run.start_step, config.max_steps):
         rates = used_rates(run.optimizer)  # before the step moves the schedule on
-        loss, grad_norm = optimizer_step(run, batches)
+        loss, grad_norm, applied = optimizer_step(run, batches)
         done = step + 1
-        losses.append((done, loss))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", lr=f"{rates.get('dit', rates['fuser']):.3g}")
-        if done % config.log_every == 0 or done == config.max_steps:
+        if done % config.log_every == 0 or done == config.max_steps or not applied:
             metrics.log(done, {"loss": loss, "lr": rates.get("dit"), "fuser_lr": rates["fuser"],
                                "grad_norm": grad_norm, "seconds": time.perf_counter() - started})
+        if applied:
+            losses.append((done, loss))
+        else:
+            skip_or_stop(run, done, loss, grad_norm)
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps:
             run.skipped = all_skipped(run.accelerator, run.skipped)
-            checkpoint = save_checkpoint(run.accelerator, run_dir, done, run_state(run, done), config.keep_checkpoints)
+            run.checkpoint = save_checkpoint(run.accelerator, run_dir, done, run_state(run, done),
+                                             config.keep_checkpoints)
             metrics.plot()
         if config.validate_every and done % config.validate_every == 0:
             validate(run, done)
@@ -138,47 +150,76 @@ def train(config: TrainConfig, components: dict | None = None, on_step: StepHook
     bar.close()
     del batches  # stops the loader's worker processes
     loop_seconds = time.perf_counter() - loop_start
-    exported = export(run) if config.export and run.start_step < config.max_steps else None
+    exported = export(run) if config.export else None
     metrics.close()
     steps_run = config.max_steps - run.start_step
+    if not steps_run:  # a finished run resumed to complete it: its losses are the ones it logged
+        losses = [(int(row["step"]), row["loss"]) for row in read_metrics(metrics.csv_path)]
     summary = {
         "run_dir": str(run_dir), "start_step": run.start_step, "steps": config.max_steps,
         "processes": run.accelerator.num_processes,
         "global_batch": config.batch_size * run.accelerator.num_processes * config.grad_accum,
         "first_loss": losses[0][1] if losses else None, "final_loss": losses[-1][1] if losses else None,
-        "losses": losses, "skipped_videos": len(run.skipped), "skipped": run.skipped, "trainable": run.trainable,
-        "checkpoint": str(checkpoint) if checkpoint else None, "export": exported,
+        "losses": losses, "skipped_videos": len(run.skipped), "skipped": run.skipped,
+        "skipped_steps": run.skipped_steps, "trainable": run.trainable,
+        "checkpoint": str(run.checkpoint) if run.checkpoint else None, "export": exported,
         "loss_curve": str(run_dir / "loss.png"), "seconds": time.perf_counter() - started,
         "steps_per_second": steps_run / loop_seconds if steps_run else None,
     }
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return summary
 
 
-def optimizer_step(run: Run, batches) -> tuple[float, float | None]:
+def optimizer_step(run: Run, batches) -> tuple[float, float | None, bool]:
     """grad_accum micro-batches, one optimizer step. -> (loss averaged over micro-batches and processes,
-    gradient norm before clipping)."""
+    gradient norm before clipping, whether the step was applied: not when the loss or the norm is not finite).
+    Both are the same on every process, so all of them apply or skip a step together."""
     config, accelerator = run.config, run.accelerator
-    losses, grad_norm = [], None
+    losses, grad_norm, applied = [], None, False
     for _ in range(config.grad_accum):
         batch = next(batches)
         run.skipped.update(batch["skipped"])
         with accelerator.accumulate(run.model):
             loss = diffusion_loss(run.model, run.pipe, batch, config, run.empty_row, run.scaling, accelerator.device)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
-            run.optimizer.step()
+            losses.append(loss.detach())
+            if accelerator.sync_gradients:
+                # the norm is measured even without clipping (max norm inf: the gradients are scaled by 1)
+                grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), config.max_grad_norm or math.inf)
+                grad_norm = None if grad_norm is None else float(grad_norm)
+                mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+                applied = finite_step(accelerator, mean_loss, grad_norm)
+                if applied or accelerator.scaler is not None:  # fp16: the GradScaler skips a non-finite step itself
+                    run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
     run.lr_scheduler.step()
-    if run.ema is not None:
+    if run.ema is not None and applied:
         run.ema.step(run.params)
-    loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-    return loss, None if grad_norm is None else float(grad_norm)
+    return mean_loss, grad_norm, applied
+
+
+def finite_step(accelerator: Accelerator, loss: float, grad_norm: float | None) -> bool:
+    """Under fp16 an infinite gradient norm is the GradScaler's business (it skips the step and lowers its
+    scale): only the loss counts there."""
+    norm_ok = grad_norm is None or math.isfinite(grad_norm) or accelerator.scaler is not None
+    return math.isfinite(loss) and norm_ok
+
+
+def skip_or_stop(run: Run, step: int, loss: float, grad_norm: float | None) -> None:
+    """Step `step` was not applied (non-finite loss or gradient norm): stop the run before anything of it is
+    saved (nonfinite=stop), or go on without it, counted (nonfinite=skip)."""
+    what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
+    if run.config.nonfinite == "skip":
+        logger.warning("%s: not finite, step skipped (nonfinite=skip)", what)
+        run.skipped_steps.append(step)
+        return
+    newest = run.checkpoint or "none (no checkpoint was written yet)"
+    raise RunFailed(f"{what}: not finite, so the run stopped (nonfinite=stop) and saved nothing of this step; "
+                    f"the newest checkpoint, from before it, is {newest}. Resume from it (--resume) with a lower lr "
+                    f"or other data, or pass nonfinite=skip to leave such steps out")
 
 
 # ---- set-up ----------------------------------------------------------------------------------------------
@@ -214,12 +255,15 @@ def setup(config: TrainConfig, components: dict | None) -> Run:
         layout = [(g["name"], g["decay"]) for g in optimizer.param_groups]  # older checkpoints' groups lack them
         state = load_checkpoint(accelerator, resume_from)
         run.start_step, run.skipped = state["step"], {**skipped, **state["skipped"]}
+        run.checkpoint, run.skipped_steps = resume_from, state.get("skipped_steps", [])  # older checkpoints lack it
         fit_scalar_moments(run.optimizer)
         follow_config_schedule(run, layout, state["config"])
         if state["global_batch"] != config.batch_size * accelerator.num_processes:
             logger.warning("resuming with a global batch of %d instead of %d: the sample order changes",
                            config.batch_size * accelerator.num_processes, state["global_batch"])
         logger.info("resumed from %s at step %d", resume_from, run.start_step)
+    if accelerator.is_main_process:  # only now: a resume refused or failed above leaves the run's config.yaml
+        config.save(run_dir / "config.yaml")
     return run
 
 
@@ -324,15 +368,20 @@ def deepspeed(accelerator: Accelerator) -> bool:
 
 
 def start_run(accelerator: Accelerator, config: TrainConfig, run_dir: Path) -> Path | None:
-    """Refuse to mix a fresh run into an old one; save the resolved config. -> the checkpoint to resume."""
+    """Refuse, before anything loads, to mix a fresh run into an old one or to resume where work would be lost
+    (see checkpoint.check_resume_point). -> the checkpoint to resume."""
     resume_from = resolve_resume(run_dir, config.resume)
     if config.resume is None and list_checkpoints(run_dir):
         raise ValueError(f"{run_dir} already holds checkpoints: pass resume=latest (--resume) to continue that run, "
                          f"or choose another output_dir")
+    if resume_from is not None:
+        check_resume_point(run_dir, resume_from, config.max_steps)
+    if config.nonfinite == "skip" and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("nonfinite=skip cannot work under DeepSpeed: it applies a step inside backward, before its "
+                         "loss and gradient norm can be checked; use nonfinite=stop")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial(run_dir)
-        config.save(run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     return resume_from
 
@@ -412,7 +461,7 @@ def run_state(run: Run, step: int) -> dict:
     config = run.config
     return {"step": step, "micro_batches": step * config.grad_accum,
             "global_batch": config.batch_size * run.accelerator.num_processes, "skipped": run.skipped,
-            "config": config.to_dict()}
+            "skipped_steps": run.skipped_steps, "config": config.to_dict()}
 
 
 def all_skipped(accelerator: Accelerator, skipped: dict) -> dict:
@@ -539,13 +588,36 @@ def validation_videos(run: Run, deadline: float) -> torch.Tensor:
 
 
 def export(run: Run) -> dict | None:
-    """Fuser + DiT (EMA weights when kept) into output_dir/export (main process)."""
+    """Fuser + DiT (EMA weights when kept) into output_dir/export (main process): written to export.tmp/ with
+    export.json (the step, the files), then renamed. An export of max_steps already there is kept as it is."""
     if sharded(run.accelerator):
         logger.warning("export needs unsharded weights (DDP or ZeRO-2); under FSDP / ZeRO-3 use the checkpoints")
         return None
+    config = run.config
+    folder = Path(config.output_dir) / "export"
+    done = written_export(folder, config.max_steps)
+    if done is not None:
+        return done
     exported = None
     if run.accelerator.is_main_process:
-        with ema_weights(run.ema, run.params):
-            exported = export_model(run.pipe, run.config, Path(run.config.output_dir) / "export", run.fuser_source)
+        tmp = folder.with_name(folder.name + ".tmp")
+        with reported_write("export", folder, f"The checkpoints are whole (newest: {run.checkpoint}): free space and "
+                            f"resume the run (--resume) to write the export", partial=tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            with ema_weights(run.ema, run.params):
+                written = export_model(run.pipe, config, tmp, run.fuser_source)
+            exported = {k: str(folder / Path(v).relative_to(tmp)) for k, v in written.items()}
+            (tmp / EXPORT_INFO).write_text(json.dumps({"step": config.max_steps, "files": exported}, indent=2))
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
     run.accelerator.wait_for_everyone()
     return exported
+
+
+def written_export(folder: Path, step: int) -> dict | None:
+    """The files of the export in `folder` if it is whole and from `step`."""
+    info = folder / EXPORT_INFO
+    if not info.is_file():
+        return None
+    done = json.loads(info.read_text())
+    return done["files"] if done["step"] == step else None
