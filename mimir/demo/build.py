@@ -39,9 +39,9 @@ from transformers import Phi3Config, Phi3ForCausalLM, T5Config, T5EncoderModel
 from ..fuser import DEFAULT_INSTRUCTIONS, FuserConfig, TokenFuser
 from ..loading import DEMO_MODEL_DIR, load_pipeline, load_scheduler, load_token_fuser, load_transformer, save_pipeline
 from ..pipeline import MimirPipeline
-from ..testing import word_tokenizer
 from ..text import chat_template_parts, text_ids
 from . import DEMO_GUIDANCE, DEMO_STEPS
+from .tokenizers import word_tokenizer
 from .world import COUNT_WORDS, PLURALS, caption_vocabulary, make_caption, make_dataset, render, write_dataset
 
 ANSWER_WORDS = {v: k for k, v in COUNT_WORDS.items() if k in ("one", "two", "three")}  # 1 -> "one", ...
