@@ -127,7 +127,8 @@ def _check_device(flag: str, name: str) -> None:
 
 
 def _load(args, device, dtype, cached: bool = False):
-    from .loading import DEMO_MODEL_DIR, load_pipeline, load_transformer, load_vae
+    from .components import load_transformer, load_vae
+    from .loading import DEMO_MODEL_DIR, load_pipeline
     from .offload import Placement
 
     placement = Placement(device, args.offload_device)
@@ -203,8 +204,8 @@ def _encode(args, pipe, prompts: list[str], cached):
 
 def _defaults(args, pipe, name):
     """Unset sizes: the published variant's usual size, else (the demo, custom models) the training size."""
-    from .loading import DEFAULT_VIDEO_SIZES, match_variant
     from .pipeline import VAE_SPATIAL
+    from .variants import DEFAULT_VIDEO_SIZES, match_variant
 
     cfg = pipe.transformer.config
     spatial = VAE_SPATIAL
@@ -248,9 +249,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .loading import inspect
+    from .describe import describe
 
-    print(json.dumps(inspect(args.path), indent=2, default=str))
+    print(json.dumps(describe(args.path), indent=2, default=str))
     return 0
 
 

@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .variants import T5_TEXT_LEN
+
 DEFAULT_INSTRUCTIONS = (
     "Describe the detailed motion of objects in video.",
     "Describe the detailed color of objects in video.",
@@ -33,7 +35,7 @@ FORMAT = "mimir-token-fuser"
 class FuserConfig:
     t5_dim: int = 4096  # also the DiT's text width: the fused stream keeps T5's width
     llm_dim: int = 3072  # Phi-3.5-mini hidden size
-    text_len: int = 226  # n: CogVideoX's T5 length; LLM tokens are cut/padded to it
+    text_len: int = T5_TEXT_LEN  # n: CogVideoX's T5 length; LLM tokens are cut/padded to it
     stabilizer_tokens: int = 4  # K; 0 disables instruction tokens and e_l
     instructions: tuple[str, ...] = DEFAULT_INSTRUCTIONS
     answer_tokens: int = 32  # LLM-generated tokens appended to the query tokens; 0 disables

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+from diffusers import CogVideoXDPMScheduler
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from diffusers.utils.torch_utils import randn_tensor
@@ -23,11 +23,11 @@ from .fuser import FuserConfig
 from .offload import Placement, module_dtype
 from .prompt_cache import PromptCache, encode_features_cached
 from .text import LLMTextEncoder, TextFeatures, encode_t5
+from .variants import SCHEDULERS, T5_TEXT_LEN
 
 # (step index, number of steps, latents) -> None; may raise to interrupt
 StepCallback = Callable[[int, int, torch.Tensor], None]
 VAE_TEMPORAL, VAE_SPATIAL = 4, 8
-SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
 
 def check_video_size(num_frames: int, height: int, width: int) -> None:
@@ -115,7 +115,7 @@ class MimirPipeline:
     # ---- text ------------------------------------------------------------------------------------------
     @property
     def text_len(self) -> int:
-        return self.fuser.config.text_len if self.fuser is not None else 226
+        return self.fuser.config.text_len if self.fuser is not None else T5_TEXT_LEN
 
     def llm_encoder(self) -> LLMTextEncoder:
         if self.llm is None:

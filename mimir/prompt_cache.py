@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from .fuser import FuserConfig
 from .text import TextFeatures
+from .weights import resolve_dtype
 
 logger = logging.getLogger(__name__)
 FORMAT = "mimir-prompt-cache-1"  # bump when the encoding code changes what it produces
@@ -52,8 +53,6 @@ def model_identity(model) -> str:
 def files_identity(paths, dtype) -> str:
     """The identity of a text model from its files and the dtype it computes in (None: as stored), nothing
     loaded: what the CLI and the nodes key on, so that both find the same entries."""
-    from .loading import resolve_dtype  # loading imports this module (through the pipeline)
-
     dtype = "stored" if dtype is None else str(resolve_dtype(dtype)).removeprefix("torch.")
     return "+".join(model_identity(Path(p)) for p in paths) + f":{dtype}"
 

@@ -30,7 +30,7 @@ from transformers import (
 from .demo.tokenizers import word_tokenizer as demo_tokenizer
 from .demo.world import make_dataset, render
 from .fuser import FuserConfig, TokenFuser
-from .loading import SCHEDULER_SETTINGS, SCHEDULERS
+from .variants import SCHEDULER_SETTINGS, SCHEDULERS
 from .video import write_video
 
 BASE_WORDS = (

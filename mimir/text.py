@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .fuser import FuserConfig
+from .variants import T5_TEXT_LEN
 
 logger = logging.getLogger(__name__)
 _SENTINEL = "MIMIRPROMPTSENTINEL"
@@ -53,7 +54,7 @@ class TextFeatures:
         return cls.from_tensors(load_file(str(path)))
 
 
-def encode_t5(tokenizer, text_encoder, prompts: list[str], max_length: int = 226, device=None,
+def encode_t5(tokenizer, text_encoder, prompts: list[str], max_length: int = T5_TEXT_LEN, device=None,
               dtype=None) -> torch.Tensor:
     """T5 features as `CogVideoXPipeline._get_t5_prompt_embeds`: padded to max_length, truncated, no mask."""
     device = device or text_encoder.device

@@ -1,6 +1,6 @@
 """Loader nodes: T5, LLM, token fuser, CogVideoX transformer (+ its scheduler settings) and VAE.
 
-Every loader reads through `mimir.loading` (the one place that knows checkpoint layouts) and lists its files
+Every loader reads through `mimir.components` (the one place that knows checkpoint layouts) and lists its files
 through ComfyUI's model folders. Models are loaded onto ComfyUI's offload device and visit the compute
 device only while their stage runs; the T5 and LLM load on first use, so a prompt answered by the prompt cache
 costs no text-model load. The bundled demo model appears as "mimir-demo (bundled)" once it exists.
@@ -15,10 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..mimir.loading import (
-    DEMO_MODEL_DIR,
-    FUSER_FILE,
-    SNR_SHIFT_SCALE,
+from ..mimir.components import (
     ComponentInfo,
     load_llm,
     load_scheduler,
@@ -27,8 +24,10 @@ from ..mimir.loading import (
     load_transformer,
     load_vae,
 )
+from ..mimir.loading import DEMO_MODEL_DIR
 from ..mimir.memory import enable_block_swap, enable_fp8_storage
 from ..mimir.prompt_cache import files_identity
+from ..mimir.variants import FUSER_FILE, SNR_SHIFT_SCALE
 from . import comfy_services as services
 
 logger = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ class MimirT5(_LazyTextModel):
                        device=services.offload_device())
 
     def _files(self) -> list[Path]:
-        # a diffusers text_encoder/ folder reads the tokenizer beside it (as mimir.loading does)
+        # a diffusers text_encoder/ folder reads the tokenizer beside it (as mimir.components does)
         beside = self.path.parent / "tokenizer" if self.path.is_dir() else None
         return [self.path, *(p for p in (self.tokenizer_path, beside) if p is not None and p.is_dir())]
 

@@ -11,8 +11,8 @@ import dataclasses
 
 import torch
 
-from ..mimir.loading import SCHEDULERS
 from ..mimir.pipeline import VAE_SPATIAL, VAE_TEMPORAL, MimirPipeline, TextStream, check_video_size
+from ..mimir.variants import SCHEDULERS
 from . import comfy_services as services
 
 CATEGORY = "Mimir/sampling"

@@ -11,10 +11,10 @@ import re
 
 import torch
 
-from ..mimir.loading import T5_TEXT_LEN
 from ..mimir.pipeline import MimirPipeline
 from ..mimir.prompt_cache import PromptCache, encoding_key_parts
 from ..mimir.text import TextFeatures, encode_t5
+from ..mimir.variants import T5_TEXT_LEN
 from . import comfy_services as services
 
 CATEGORY = "Mimir/conditioning"
@@ -135,7 +135,7 @@ class MimirT5TextEncode:
             "t5": ("MIMIR_T5", {"tooltip": "The T5 encoder, from Mimir T5 Loader."}),
             "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The text to encode."}),
             "text_len": ("INT", {"default": T5_TEXT_LEN, "min": 1, "max": 1024,
-                                 "tooltip": "T5 tokens (padded/truncated); CogVideoX uses 226."}),
+                                 "tooltip": f"T5 tokens (padded/truncated); CogVideoX uses {T5_TEXT_LEN}."}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)

@@ -111,7 +111,7 @@ def test_inspect_reports_the_fuser_config(model_dir, capsys):
 
 
 def test_prompt_cache_second_run_loads_neither_t5_nor_llm(model_dir, tmp_path, capsys, monkeypatch):
-    import mimir.loading
+    import mimir.components
 
     args = ["generate", "a red circle moves to the left", "--model", model_dir, "--steps", 1,
             "--prompt-cache", tmp_path / "cache"]
@@ -121,31 +121,31 @@ def test_prompt_cache_second_run_loads_neither_t5_nor_llm(model_dir, tmp_path, c
     def refuse(*a, **k):
         raise AssertionError("a cached prompt must not load text encoders")
 
-    monkeypatch.setattr(mimir.loading, "load_llm", refuse)
-    monkeypatch.setattr(mimir.loading, "load_t5", refuse)
+    monkeypatch.setattr(mimir.components, "load_llm", refuse)
+    monkeypatch.setattr(mimir.components, "load_t5", refuse)
     code, stdout, err = run(capsys, *args, "-o", tmp_path / "b.mp4")
     assert code == 0, err
     assert torch.equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "b.mp4"))
 
 
 def test_prompt_cache_keys_on_the_dtype(model_dir, tmp_path, capsys, monkeypatch):
-    import mimir.loading
+    import mimir.components
 
     args = ["generate", "a red circle", "--model", model_dir, "--steps", 1, "--prompt-cache", tmp_path / "cache"]
     assert run(capsys, *args, "-o", tmp_path / "a.webp")[0] == 0
     loaded = []
-    real = mimir.loading.load_t5
-    monkeypatch.setattr(mimir.loading, "load_t5", lambda *a, **k: loaded.append(k["dtype"]) or real(*a, **k))
+    real = mimir.components.load_t5
+    monkeypatch.setattr(mimir.components, "load_t5", lambda *a, **k: loaded.append(k["dtype"]) or real(*a, **k))
     assert run(capsys, *args, "--dtype", "bf16", "-o", tmp_path / "b.webp")[0] == 0
     assert loaded == ["bf16"]  # fp32 features were not reused for a bf16 run
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
 
 
 def test_no_fuser_reads_neither_the_fuser_nor_the_llm(model_dir, tmp_path, capsys, monkeypatch):
-    import mimir.loading
+    import mimir.components
 
-    monkeypatch.setattr(mimir.loading, "load_llm", lambda *a, **k: pytest.fail("the LLM was loaded"))
-    monkeypatch.setattr(mimir.loading, "load_token_fuser", lambda *a, **k: pytest.fail("the fuser was loaded"))
+    monkeypatch.setattr(mimir.components, "load_llm", lambda *a, **k: pytest.fail("the LLM was loaded"))
+    monkeypatch.setattr(mimir.components, "load_token_fuser", lambda *a, **k: pytest.fail("the fuser was loaded"))
     code, _, err = run(capsys, "generate", "x", "--model", model_dir, "--no-fuser", "--steps", 1,
                        "-o", tmp_path / "v.webp")
     assert code == 0, err
@@ -155,14 +155,14 @@ def test_vae_override_takes_the_transformers_scaling_factor(model_dir, tmp_path,
     """A single-file VAE without metadata does not tell its scaling factor; a 5B transformer needs 0.7."""
     import shutil
 
-    import mimir.loading
+    import mimir.components
 
     five_b = shutil.copytree(model_dir, tmp_path / "5b")
     config = json.loads((five_b / "vae" / "config.json").read_text())
     (five_b / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.7}))
     seen = []
-    real = mimir.loading.load_vae
-    monkeypatch.setattr(mimir.loading, "load_vae",
+    real = mimir.components.load_vae
+    monkeypatch.setattr(mimir.components, "load_vae",
                         lambda *a, **k: seen.append(k.get("scaling_factor")) or real(*a, **k))
     code, _, err = run(capsys, "generate", "x", "--model", five_b, "--vae", model_dir / "vae", "--steps", 1,
                        "-o", tmp_path / "v.webp")
@@ -177,7 +177,7 @@ def test_unset_sizes_follow_the_variant_not_the_sample_size():
     from diffusers.configuration_utils import FrozenDict
 
     from mimir.cli import _defaults
-    from mimir.loading import TRANSFORMER_CONFIGS
+    from mimir.variants import TRANSFORMER_CONFIGS
 
     for variant, expected in (("1.5", (81, 768, 1360)), ("5b", (49, 480, 720)), ("2b", (49, 480, 720))):
         pipe = SimpleNamespace(transformer=SimpleNamespace(config=FrozenDict(TRANSFORMER_CONFIGS[variant])))

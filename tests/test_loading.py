@@ -1,5 +1,6 @@
-"""mimir.loading: every layout saved from tiny real-architecture models loads back to bit-equal outputs; variant
-detection on the published CogVideoX shapes (meta tensors, nothing allocated); each refusal names its cause."""
+"""Checkpoint reading and writing (mimir.weights, single_file, components, describe, loading): every layout saved
+from tiny real-architecture models loads back to bit-equal outputs; variant detection on the published CogVideoX
+shapes (meta tensors, nothing allocated); each refusal names its cause."""
 
 import copy
 import io
@@ -19,31 +20,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
-from mimir import loading
-from mimir.fuser import FORMAT as FUSER_FORMAT
-from mimir.fuser import FuserConfig, TokenFuser, save_fuser
-from mimir.loading import (
-    DEMO_MODEL_DIR,
-    SCHEDULER_SETTINGS,
-    TRANSFORMER_CONFIGS,
-    inspect,
+from mimir import components, loading, single_file, variants
+from mimir.components import (
     load_llm,
-    load_pipeline,
     load_scheduler,
     load_t5,
     load_token_fuser,
     load_tokenizer,
     load_transformer,
     load_vae,
-    match_variant,
-    save_pipeline,
-    save_single_file,
-    t5_config_from_shapes,
-    transformer_config_from_shapes,
-    warn_unknown_fields,
 )
+from mimir.configs import warn_unknown_fields
+from mimir.describe import describe
+from mimir.fuser import FORMAT as FUSER_FORMAT
+from mimir.fuser import FuserConfig, TokenFuser, save_fuser
+from mimir.loading import DEMO_MODEL_DIR, load_pipeline, save_pipeline, save_single_file
 from mimir.offload import Placement
 from mimir.pipeline import MimirPipeline
+from mimir.single_file import t5_config_from_shapes
 from mimir.testing import (
     BASE_WORDS,
     real_scheduler,
@@ -54,6 +48,7 @@ from mimir.testing import (
     word_tokenizer,
 )
 from mimir.text import chat_template_parts, encode_t5
+from mimir.variants import SCHEDULER_SETTINGS, TRANSFORMER_CONFIGS, match_variant, transformer_config_from_shapes
 
 CALL = dict(num_frames=9, height=16, width=16, steps=2, guidance=6.0, seed=3, output_type="latent")
 
@@ -187,7 +182,7 @@ def test_plain_cogvideox_folder_loads_without_fuser(tmp_path):
     assert loaded.transformer.config.max_text_seq_length == 226
     pipe.transformer, _ = load_transformer(tmp_path, text_len=226)
     assert torch.equal(pipe("a red ball", **CALL), loaded("a red ball", **CALL))
-    assert inspect(tmp_path)["mimir"] is False
+    assert describe(tmp_path)["mimir"] is False
 
 
 def test_pipeline_with_external_fuser_and_llm(saved, tmp_path):
@@ -254,8 +249,8 @@ def test_depth_is_counted_from_keys():
 def test_single_file_without_metadata_is_read_by_its_shapes(tmp_path, monkeypatch):
     """The path a ComfyUI file of a published model takes, with a tiny entry in the table of known configs."""
     model = tiny_transformer("5b", text_len=20)
-    monkeypatch.setitem(loading.TRANSFORMER_CONFIGS, "tiny", config_of(model))
-    monkeypatch.setitem(loading.VAE_SCALING_FACTORS, "tiny", 0.5)
+    monkeypatch.setitem(variants.TRANSFORMER_CONFIGS, "tiny", config_of(model))
+    monkeypatch.setitem(variants.VAE_SCALING_FACTORS, "tiny", 0.5)
     path = tmp_path / "comfy_dit.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))  # no metadata
     loaded, info = load_transformer(path)
@@ -348,7 +343,7 @@ def test_vae_single_file_without_metadata(tmp_path, monkeypatch):
                                          r"one \(block_out_channels \[8, 8, 8, 8\], latent_channels 4\): its norm "
                                          r"groups and temporal compression are not in its weights"):
         load_vae(path)  # the published CogVideoX VAE's config does not fit, and the weights cannot tell all of one
-    monkeypatch.setattr(loading, "VAE_CONFIG", config_of(vae))
+    monkeypatch.setattr(single_file, "VAE_CONFIG", config_of(vae))
     loaded, info = load_vae(path, scaling_factor=0.7)
     assert info.vae_scaling_factor == 0.7 and torch.equal(vae_out(loaded), vae_out(vae))
 
@@ -433,7 +428,7 @@ def test_scheduler_kinds_have_the_published_settings(saved):
 # ---- errors ----------------------------------------------------------------------------------------------
 
 def test_missing_path(tmp_path):
-    for load in (load_transformer, load_vae, load_t5, load_llm, load_pipeline, inspect):
+    for load in (load_transformer, load_vae, load_t5, load_llm, load_pipeline, describe):
         with pytest.raises(FileNotFoundError, match="no such file or folder"):
             load(tmp_path / "nowhere")
 
@@ -447,10 +442,10 @@ def test_folder_of_no_known_layout(tmp_path):
     with pytest.raises(ValueError, match="not an LLM folder"):
         load_llm(tmp_path)
     with pytest.raises(ValueError, match="not a known checkpoint folder"):
-        inspect(tmp_path)
+        describe(tmp_path)
     save_file({"some.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a known checkpoint: keys such as some.weight"):
-        inspect(tmp_path / "other.safetensors")
+        describe(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="expected a transformer single file, but it holds no known component"):
         load_transformer(tmp_path / "other.safetensors")
 
@@ -476,7 +471,7 @@ def test_corrupt_and_truncated_files(tmp_path):
               in_header: r"truncated: 100 bytes, cut inside its \d+-byte header",
               garbage: "corrupt: not a .safetensors file"}
     for path, fault in faults.items():
-        for read in (load_transformer, inspect):
+        for read in (load_transformer, describe):
             with pytest.raises(ValueError, match=rf"{path.name}: {fault}"):
                 read(path)
 
@@ -587,9 +582,9 @@ def test_published_configs_do_not_warn(config, cls, caplog):
 
 
 def test_configs_written_today_do_not_warn(saved, caplog):
-    inspect(DEMO_MODEL_DIR)  # every component's config, as this diffusers and transformers write them
+    describe(DEMO_MODEL_DIR)  # every component's config, as this diffusers and transformers write them
     load_pipeline(saved[1])
-    assert [r.getMessage() for r in caplog.records if r.name == "mimir.loading"] == []
+    assert [r.getMessage() for r in caplog.records if r.name == "mimir.configs"] == []
 
 
 def edit_json(file, **changes):
@@ -607,7 +602,7 @@ def test_config_typos_warn_with_the_nearest_field(saved, tmp_path, caplog):
     edit_json(folder / "llm" / "config.json", rms_norm_eps="rms_norm_epsilon")
     edit_json(folder / "scheduler" / "scheduler_config.json", snr_shift_scale="snr_shift_scal")
     load_pipeline(folder)
-    warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "mimir.loading")
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "mimir.configs")
     expected = [("llm/config.json", "rms_norm_epsilon", "Phi3Config", "rms_norm_eps"),
                 ("scheduler/scheduler_config.json", "snr_shift_scal", "CogVideoXDDIMScheduler", "snr_shift_scale"),
                 ("text_encoder/config.json", "layer_norm_epsilo", "T5Config", "layer_norm_epsilon"),
@@ -648,7 +643,7 @@ def test_broken_config_files_name_the_file_and_fault(saved, tmp_path, text, faul
         file = folder / name
         original = file.read_bytes() if file.exists() else None
         file.write_bytes(text)
-        for call in (read, inspect):
+        for call in (read, describe):
             with pytest.raises(ValueError, match=rf"^{re.escape(str(file))}: {fault}"):
                 call(file.parent)
         file.write_bytes(original) if original is not None else file.unlink()
@@ -664,7 +659,7 @@ def test_broken_config_in_metadata_names_the_file(saved, tmp_path):
         load_transformer(path)
     fuser = tmp_path / "fuser.safetensors"
     save_file(pipe.fuser.state_dict(), str(fuser), metadata={"format": FUSER_FORMAT, "config": "[1, 2]"})
-    for call in (load_token_fuser, inspect):
+    for call in (load_token_fuser, describe):
         with pytest.raises(ValueError, match=r"fuser.safetensors: the fuser config in its metadata is not valid: "
                                              r"the fuser config must be a JSON object, not list"):
             call(fuser)
@@ -690,7 +685,7 @@ def test_truncated_weights_name_the_file(saved, tmp_path, monkeypatch):
             read(file if file.parent == folder else file.parent)
         file.write_bytes(original)
     # a Mimir pipeline checks its LLM's and fuser's files before it builds any model
-    monkeypatch.setattr(loading, "_build", lambda *a: pytest.fail("a model was built"))
+    monkeypatch.setattr(components, "_build", lambda *a: pytest.fail("a model was built"))
     for name in ("llm/model.safetensors", "fuser.safetensors"):
         truncate(folder / name)
         with pytest.raises(ValueError, match=rf"{name}: truncated"):
@@ -745,7 +740,7 @@ def test_t5_scaled_fp8_file_as_comfyui_stores_it(saved, tmp_path):
     ours, original = t5_out(model, tokenizer), t5_out(pipe.text_encoder, tokenizer)
     assert (ours - original).norm() / original.norm() < 0.1  # fp8's rounding; unscaled weights would be far off
     assert load_t5(path, tokenizer_path=folder / "tokenizer")[0].dtype == torch.bfloat16  # fp8 computes in bf16
-    assert inspect(path)["kind"] == "t5"
+    assert describe(path)["kind"] == "t5"
 
 
 def test_vae_single_file_of_another_size_is_inspected(tmp_path):
@@ -754,14 +749,14 @@ def test_vae_single_file_of_another_size_is_inspected(tmp_path):
                                  up_block_types=("CogVideoXUpBlock3D",) * 4)
     path = tmp_path / "vae.safetensors"
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))  # no metadata, as ComfyUI's
-    info = inspect(path)
+    info = describe(path)
     assert (info["kind"], info["layout"], info["vae_scaling_factor"]) == ("vae", "single-file", None)
     assert info["dims"] == dict(latent_channels=4, block_out_channels=[8, 16, 16, 32], layers_per_block=2,
                                 temporal_compression_ratio=None)  # no weight's shape depends on it
     with pytest.raises(ValueError, match=r"block_out_channels \[8, 16, 16, 32\], latent_channels 4\): its norm groups"):
         load_vae(path)
     bundled = DEMO_MODEL_DIR / "vae"
-    as_file, as_folder = inspect(bundled / "diffusion_pytorch_model.safetensors"), inspect(bundled)
+    as_file, as_folder = describe(bundled / "diffusion_pytorch_model.safetensors"), describe(bundled)
     told = ("latent_channels", "block_out_channels", "layers_per_block")
     assert {k: as_file["dims"][k] for k in told} == {k: as_folder["dims"][k] for k in told}
 
@@ -869,22 +864,22 @@ def test_comfyui_tokenizers_load(tmp_path):
     assert chat_template_parts(tokenizer) == ([32010], [32007, 32001])
 
 
-# ---- inspect ---------------------------------------------------------------------------------------------
+# ---- describe (mimir inspect) ----------------------------------------------------------------------------
 
 def test_inspect_files_and_folders(saved, tmp_path):
     pipe, folder = saved
-    fuser = inspect(folder / "fuser.safetensors")
+    fuser = describe(folder / "fuser.safetensors")
     assert fuser["kind"] == "fuser" and fuser["config"]["llm_dim"] == 48 and fuser["config"]["stabilizer_tokens"] == 4
     save_single_file(pipe.transformer, tmp_path / "dit.safetensors", vae_scaling_factor=1.15258426)
-    dit = inspect(tmp_path / "dit.safetensors")
+    dit = describe(tmp_path / "dit.safetensors")
     assert (dit["kind"], dit["layout"], dit["variant"], dit["vae_scaling_factor"]) == \
         ("transformer", "single-file", "custom", 1.15258426)
     assert dit["dims"]["inner_dim"] == 32 and dit["dims"]["max_text_seq_length"] == 20
-    whole = inspect(folder)
+    whole = describe(folder)
     assert whole["kind"] == "pipeline" and whole["mimir"] is True
     assert set(whole["components"]) == {"transformer", "vae", "text_encoder", "scheduler", "llm", "fuser"}
     assert whole["components"]["llm"]["dims"]["hidden_size"] == 48
-    assert inspect(folder / "llm")["kind"] == "llm" and inspect(folder / "vae")["kind"] == "vae"
+    assert describe(folder / "llm")["kind"] == "llm" and describe(folder / "vae")["kind"] == "vae"
     json.dumps(whole)  # plain data for the CLI
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mimir.loading import load_pipeline, load_token_fuser, load_transformer
+from mimir.components import load_token_fuser, load_transformer
+from mimir.loading import load_pipeline
 from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_train_components
 from mimir.train import TrainConfig, build_cache, train

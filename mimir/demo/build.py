@@ -36,8 +36,9 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from transformers import Phi3Config, Phi3ForCausalLM, T5Config, T5EncoderModel
 
+from ..components import load_scheduler, load_token_fuser, load_transformer
 from ..fuser import DEFAULT_INSTRUCTIONS, FuserConfig, TokenFuser
-from ..loading import DEMO_MODEL_DIR, load_pipeline, load_scheduler, load_token_fuser, load_transformer, save_pipeline
+from ..loading import DEMO_MODEL_DIR, load_pipeline, save_pipeline
 from ..pipeline import MimirPipeline
 from ..text import chat_template_parts, text_ids
 from . import DEMO_GUIDANCE, DEMO_STEPS

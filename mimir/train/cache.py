@@ -36,10 +36,11 @@ from tqdm.auto import tqdm
 from ..pipeline import MimirPipeline
 from ..prompt_cache import model_identity
 from ..text import TextFeatures
+from ..variants import FUSER_FILE
 from ..video import VideoReadError
 from .config import TrainConfig
 from .data import Clip, load_clip, read_clips
-from .model import FUSER_FILE, encode_latent_params, frozen_placement, fuser_file, load_components, write_fresh_fuser
+from .model import encode_latent_params, frozen_placement, fuser_file, load_components, write_fresh_fuser
 from .storage import reported_write, write_text
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ..describe import describe
 from ..fuser import save_fuser
-from ..loading import FUSER_FILE, inspect, resolve_dtype
 from ..pipeline import MimirPipeline
+from ..variants import FUSER_FILE
+from ..weights import resolve_dtype
 from .config import TrainConfig
 from .model import merged_transformer
 
@@ -62,7 +64,7 @@ def export_dtype(config: TrainConfig, source: Path | None, component: str | None
         return resolve_dtype(config.export_dtype)
     if source is None:
         return torch.float32
-    info = inspect(source)
+    info = describe(source)
     return resolve_dtype((info["components"][component] if component else info)["dtype"])
 
 

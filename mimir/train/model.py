@@ -13,23 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..components import load_llm, load_scheduler, load_t5, load_token_fuser, load_transformer, load_vae
+from ..describe import describe
 from ..fuser import FuserConfig, TokenFuser, save_fuser
-from ..loading import (
-    inspect,
-    load_llm,
-    load_pipeline,
-    load_scheduler,
-    load_t5,
-    load_token_fuser,
-    load_transformer,
-    load_vae,
-)
+from ..loading import load_pipeline
 from ..offload import Placement
 from ..testing import tiny_components
+from ..variants import FUSER_FILE
 from .config import TrainConfig
 from .data import pixels_to_vae_input
 
-FUSER_FILE = "fuser.safetensors"  # the fuser inside a Mimir pipeline folder (mimir.loading's layout)
 FRESH_FUSER = "fuser-init.safetensors"  # a fresh fuser, written where its run or cache lives
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,8 +49,8 @@ def write_fresh_fuser(config: TrainConfig, folder) -> Path:
     if not config.llm:
         raise ValueError(f"{config.model} has no {FUSER_FILE}: give fuser= (a fuser file) or llm= (an LLM folder, "
                          f"to start a fresh fuser)")
-    t5_dim = inspect(config.model)["components"]["text_encoder"]["dims"]["d_model"]
-    fuser_config = FuserConfig(t5_dim=t5_dim, llm_dim=inspect(config.llm)["dims"]["hidden_size"])
+    t5_dim = describe(config.model)["components"]["text_encoder"]["dims"]["d_model"]
+    fuser_config = FuserConfig(t5_dim=t5_dim, llm_dim=describe(config.llm)["dims"]["hidden_size"])
     torch.manual_seed(config.seed)
     path = Path(folder) / FRESH_FUSER
     path.parent.mkdir(parents=True, exist_ok=True)
