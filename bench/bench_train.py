@@ -28,7 +28,7 @@ def run(repeats: int = 3, steps: int = 10, size: int = 32, frames: int = 9, batc
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_world_clips(tmp / "clips", count=8, frames=frames, size=size)
-        common = dict(model="tiny", device="cpu", data=str(tmp / "clips"), num_frames=frames, height=size, width=size,
+        common = dict(device="cpu", data=str(tmp / "clips"), num_frames=frames, height=size, width=size,
                       batch_size=batch, max_steps=steps, lr=1e-4, text_dropout=0.1, num_workers=0, tensorboard=False,
                       export=False)
         build_cache(TrainConfig(cache=str(tmp / "cache"), **common), tiny_train_components(), progress=False)

@@ -30,7 +30,7 @@ from mimir.train.cache import CachedDataset
 from mimir.train.checkpoint import WEIGHTS, list_checkpoints
 from mimir.train.metrics import read_metrics
 
-TINY = dict(model="tiny", device="cpu", num_frames=9, height=16, width=16, num_workers=0, tensorboard=False)
+TINY = dict(device="cpu", num_frames=9, height=16, width=16, num_workers=0, tensorboard=False)
 RUN = dict(batch_size=2, grad_accum=2, max_steps=8, lr=1e-3, lr_schedule="cosine", warmup_steps=2, text_dropout=0.5,
            ema_decay=0.9, checkpoint_every=2, keep_checkpoints=2, export=True, resume="latest")
 # (where, target, call, when): the moment of one kill

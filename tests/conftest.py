@@ -31,8 +31,20 @@ def tiny_run() -> dict:
     """TrainConfig fields the training tests share (unpack it, do not change it): tiny models on the CPU,
     9 frames at 16 x 16, data read in the main process, no TensorBoard and no export (a test that checks those
     turns them on)."""
-    return dict(model="tiny", device="cpu", num_frames=9, height=16, width=16, num_workers=0, tensorboard=False,
+    return dict(model="", device="cpu", num_frames=9, height=16, width=16, num_workers=0, tensorboard=False,
                 export=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """tiny_train_components saved as a Mimir pipeline folder, for commands that load `model=` themselves."""
+    from mimir.loading import save_pipeline
+    from mimir.pipeline import MimirPipeline
+    from mimir.testing import tiny_train_components
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    save_pipeline(MimirPipeline(**tiny_train_components()), folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

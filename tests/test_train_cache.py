@@ -35,10 +35,10 @@ def test_first_step_loss_from_cache_equals_raw_video(world_clips, tiny_run, tmp_
     assert from_cache == pytest.approx(from_video, rel=1e-5)
 
 
-def test_cache_resumes_missing_shards_only(world_clips, tmp_path, capsys):
+def test_cache_resumes_missing_shards_only(world_clips, tiny_model_dir, tmp_path, capsys):
     clips = world_clips(5)
     folder = tmp_path / "cache"
-    argv = [f"data={clips}", f"cache={folder}", "model=tiny", "device=cpu", "cache_shard_size=2",
+    argv = [f"data={clips}", f"cache={folder}", f"model={tiny_model_dir}", "device=cpu", "cache_shard_size=2",
             "validation_prompts=[a red square moves up]", "num_frames=9", "height=16", "width=16"]
     assert main_cache(argv) == 0
     shards = sorted(folder.glob("shard-*.safetensors"))

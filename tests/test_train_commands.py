@@ -10,7 +10,7 @@ import torch
 
 import mimir.train.model as train_model
 from mimir.demo.world import write_dataset
-from mimir.loading import load_pipeline, save_pipeline
+from mimir.loading import DEMO_MODEL_DIR, load_pipeline, save_pipeline
 from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_train_components
 from mimir.train import TrainConfig, main_cache, main_train
@@ -80,3 +80,16 @@ def test_frozen_encoders_wait_where_their_stages_run(offload):
         p = next(parts[name].parameters())
         assert (p.device.type, p.dtype, p.requires_grad) == ("cpu" if offload else "meta", torch.bfloat16, False), name
     assert next(parts["fuser"].parameters()).device.type == "cpu"
+
+
+def test_the_demo_smoke_config_fine_tunes_the_bundled_model(world_clips, tmp_path):
+    """mimir/train/configs/demo_cpu.yaml, as the training README runs it (shortened): real files, no test models."""
+    config = Path(__file__).resolve().parents[1] / "mimir" / "train" / "configs" / "demo_cpu.yaml"
+    before = {p: p.stat().st_mtime_ns for p in DEMO_MODEL_DIR.rglob("*")}
+    assert main_train(["--config", str(config), f"data={world_clips(4)}", f"output_dir={tmp_path / 'run'}",
+                       "max_steps=2", "checkpoint_every=0", "validate_every=0", "tensorboard=false"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["export"]["pipeline"]
+    pipe = load_pipeline(summary["export"]["pipeline"])
+    assert pipe("a red circle moves to the right", num_frames=9, height=64, width=64, steps=1).shape == (1, 9, 64, 64, 3)
+    assert {p: p.stat().st_mtime_ns for p in DEMO_MODEL_DIR.rglob("*")} == before  # the bundled model is untouched

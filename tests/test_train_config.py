@@ -37,7 +37,6 @@ def test_yaml_json_and_overrides_typed(tmp_path):
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"text_dropout": 1.5}, "text_dropout must be in [0, 1)"),
     ({"validate_every": 10}, "validation_prompts is empty"),
-    ({"model": "tiny:7b"}, "tiny test models are"),
 ])
 def test_impossible_config_refused(values, message):
     with pytest.raises(ValueError) as error:
@@ -45,9 +44,20 @@ def test_impossible_config_refused(values, message):
     assert message in str(error.value)
 
 
+def test_model_demo_is_the_bundled_model_and_the_cli_needs_a_model(tmp_path, capsys):
+    from mimir.loading import DEMO_MODEL_DIR
+    from mimir.train import main_train
+
+    assert load_config(None, {"model": "demo"}).model == str(DEMO_MODEL_DIR)
+    with pytest.raises(SystemExit) as exit_:
+        main_train([f"data={tmp_path}", f"output_dir={tmp_path / 'run'}"])
+    assert exit_.value.code == 2 and "model= is required" in capsys.readouterr().err
+
+
 def test_cli_refuses_before_any_work(tmp_path, capsys):
     run = tmp_path / "run"
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"num_frames": 12, "output_dir": str(run), "data": str(tmp_path)}))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"num_frames": 12, "output_dir": str(run), "data": str(tmp_path),
+                                                       "model": str(tmp_path)}))
     for argv in (["--config", str(tmp_path / "bad.yaml")],
                  ["--config", str(tmp_path / "bad.yaml"), "num_frames=9", "colour=red"],
                  ["--config", str(tmp_path / "bad.yaml"), "num_frames=9", f"data={tmp_path / 'missing'}"],
@@ -104,7 +114,7 @@ def test_shipped_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
     folder = Path(__file__).resolve().parents[1] / "mimir" / "train" / "configs"
-    runs = {p.name: load_config(p) for p in folder.glob("mimir_*.yaml")} | {"tiny_cpu.yaml": load_config(folder / "tiny_cpu.yaml")}
+    runs = {p.name: load_config(p) for p in folder.glob("mimir_*.yaml")} | {"demo_cpu.yaml": load_config(folder / "demo_cpu.yaml")}
     assert runs["mimir_5b.yaml"].gradient_checkpointing and runs["mimir_5b_lora.yaml"].dit == "lora"
     launch = {p.name: load_config_from_file(str(p)) for p in folder.glob("accelerate_*.yaml")}
     assert {n: (c.distributed_type.value, c.num_processes) for n, c in launch.items()} == {

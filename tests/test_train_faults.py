@@ -305,7 +305,8 @@ def test_undecodable_captions_are_skipped_and_named_empty_ones_warned(world_clip
     assert [c.caption for c in jsonl_clips] == ["blue"] and list(jsonl_skipped) == [f"{tmp_path / 'list.jsonl'}:1"]
 
 
-def test_full_disk_is_reported_and_loses_no_checkpoint(values, reference, tmp_path, monkeypatch, capsys):
+def test_full_disk_is_reported_and_loses_no_checkpoint(values, reference, tiny_model_dir, tmp_path, monkeypatch,
+                                                      capsys):
     run = tmp_path / "run"
     real_save = torch.save
 
@@ -322,7 +323,7 @@ def test_full_disk_is_reported_and_loses_no_checkpoint(values, reference, tmp_pa
     assert "inline_container.cc" in message and "GiB free" in message
     assert f"No checkpoint was lost: the newest is {run / 'checkpoints' / 'step-00000002'}" in message
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]  # the partial one removed
-    assert main_train([f"output_dir={tmp_path / 'cli'}", "model=tiny", "device=cpu", f"cache={values(run)['cache']}",
+    assert main_train([f"output_dir={tmp_path / 'cli'}", f"model={tiny_model_dir}", "device=cpu", f"cache={values(run)['cache']}",
                        "num_frames=9", "height=16", "width=16", "max_steps=4", "checkpoint_every=4",
                        "tensorboard=false", "num_workers=0"]) == 1
     assert "mimir train: stopped: writing the checkpoint" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def accelerate_fsdp(model, plugin: FullyShardedDataParallelPlugin) -> FSDP:
 
 @pytest.mark.parametrize("dit, lora_units", [("full", 0), ("lora", 2 * 4 * 2), ("frozen", 0)])
 def test_fsdp_wraps_every_dit_mode_and_steps(dit, lora_units, process_group, fsdp_plugin, tiny_run):
-    config = TrainConfig(**{**tiny_run, "model": "tiny:5b"}, dit=dit, lora_rank=4, mixed_precision="bf16",
+    config = TrainConfig(**tiny_run, dit=dit, lora_rank=4, mixed_precision="bf16",
                          gradient_checkpointing=True, text_dropout=0.0, lr=1e-3)
     parts = tiny_train_components("5b")
     pipe = MimirPipeline(**parts)

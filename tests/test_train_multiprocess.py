@@ -22,9 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(world_clips, tiny_run, tmp_path):
+def test_two_processes_match_one_with_the_same_global_batch(world_clips, tiny_run, tiny_model_dir, tmp_path):
     values = dict(data=str(world_clips(5)), cache=str(tmp_path / "cache"), max_steps=4, lr=1e-3, warmup_steps=1,
-                  text_dropout=0.5, **tiny_run)
+                  text_dropout=0.5, **{**tiny_run, "model": str(tiny_model_dir)})
     build_cache(TrainConfig(**values), progress=False)
     one = train(TrainConfig(**values, batch_size=2, output_dir=str(tmp_path / "one")), progress=False)
     (tmp_path / "two.yaml").write_text(yaml.safe_dump({**values, "batch_size": 1, "output_dir": str(tmp_path / "two")}))

@@ -40,7 +40,14 @@ from ..variants import FUSER_FILE
 from ..video import VideoReadError
 from .config import TrainConfig
 from .data import Clip, load_clip, read_clips
-from .model import encode_latent_params, frozen_placement, fuser_file, load_components, write_fresh_fuser
+from .model import (
+    encode_latent_params,
+    frozen_placement,
+    fuser_file,
+    load_components,
+    require_model,
+    write_fresh_fuser,
+)
 from .storage import reported_write, write_text
 
 logger = logging.getLogger(__name__)
@@ -75,8 +82,8 @@ def clip_list(clips: list[Clip]) -> list[list[str]]:
 def encoder_files(config: TrainConfig) -> dict[str, str]:
     """{file: identity} of the files the features come from: the model folder but its DiT and fuser (T5 and its
     tokenizer, the VAE, a Mimir folder's llm/), and the llm= folder. Identities as the prompt cache takes them
-    (path, size, modification time; nothing is read). The tiny test models have no files."""
-    if config.model.startswith("tiny"):
+    (path, size, modification time; nothing is read). Models passed in from Python (no `model`) have none."""
+    if not config.model:
         return {}
     files = {}
     for name, root in (("model", config.model), ("llm", config.llm)):
@@ -187,8 +194,9 @@ def build_cache(config: TrainConfig, components: dict | None = None, progress: b
     sources = cache_sources(config, listing)
     if (folder / META).exists():
         check_sources(folder, sources, listing)
-    if state.is_main_process and components is None and not config.model.startswith("tiny") \
-            and fuser_file(config, folder) is None:
+    if components is None:
+        require_model(config)
+    if state.is_main_process and components is None and fuser_file(config, folder) is None:
         write_fresh_fuser(config, folder)
     state.wait_for_everyone()
     parts = dict(components) if components is not None else load_components(config, fuser_file(config, folder), dit=False)

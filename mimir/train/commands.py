@@ -43,7 +43,9 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def check_paths(config: TrainConfig, command: str) -> None:
     """Inputs that must exist before `command` ("train" or "cache") loads anything."""
-    if not config.model.startswith("tiny") and not Path(config.model).exists():
+    if not config.model:
+        raise ValueError("model= is required: a Mimir/CogVideoX diffusers folder, or demo (the bundled demo model)")
+    if not Path(config.model).exists():
         raise ValueError(f"model {config.model}: no such folder")
     for name in ("llm", "fuser", "data"):
         value = getattr(config, name)
@@ -57,7 +59,7 @@ def check_paths(config: TrainConfig, command: str) -> None:
     elif not config.data:
         raise ValueError("mimir train needs data= (a dataset) or cache= (a feature cache from `mimir cache`)")
     folders = [config.cache] if command == "cache" else [f for f in (config.cache, config.output_dir) if f]
-    if not config.model.startswith("tiny") and not config.llm and all(fuser_file(config, f) is None for f in folders):
+    if not config.llm and all(fuser_file(config, f) is None for f in folders):
         raise ValueError(f"{config.model} has no fuser.safetensors: give fuser= (a fuser file) or llm= (an LLM "
                          f"folder, to start a fresh fuser)")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ..loading import DEMO_MODEL_DIR
 from ..pipeline import check_video_size
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of every CogVideoX block
@@ -25,7 +26,8 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
 @dataclass
 class TrainConfig:
     # ---- what is trained -------------------------------------------------------------------------------
-    model: str = "tiny"  # Mimir/CogVideoX diffusers folder (mimir.loading), or "tiny[:2b|:5b|:1.5]" test models
+    model: str = ""  # Mimir/CogVideoX diffusers folder, or "demo" (the bundled demo model); unset only from
+    # Python, with the models passed in as `components`
     llm: str | None = None  # transformers folder of the LLM, when `model` holds none
     fuser: str | None = None  # fuser .safetensors to start from; default: the model's own, else a fresh one
     dit: str = "full"  # how the DiT trains: full | lora | frozen (fuser-only warm-up)
@@ -105,8 +107,8 @@ class TrainConfig:
             raise ValueError("lora_targets must name at least one module (e.g. to_q)")
         if self.validate_every and not self.validation_prompts:
             raise ValueError("validate_every is set but validation_prompts is empty")
-        if self.model.startswith("tiny") and self.model.partition(":")[2] not in ("", "2b", "5b", "1.5"):
-            raise ValueError(f"model {self.model!r}: tiny test models are tiny, tiny:2b, tiny:5b or tiny:1.5")
+        if self.model == "demo":
+            self.model = str(DEMO_MODEL_DIR)
 
     @property
     def trains_dit(self) -> bool:

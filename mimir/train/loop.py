@@ -73,6 +73,7 @@ from .model import (
     load_components,
     load_text_encoders,
     make_optimizer,
+    require_model,
     setup_trainable,
     trainable_parameters,
     use_8bit_adam,
@@ -399,8 +400,9 @@ def start_fuser(accelerator: Accelerator, config: TrainConfig, components: dict 
     CogVideoX. None when `components` bring their own fuser."""
     if components is not None:
         return None
+    require_model(config)
     fresh_dir = config.cache or run_dir
-    if not config.model.startswith("tiny") and fuser_file(config, fresh_dir) is None:
+    if fuser_file(config, fresh_dir) is None:
         if accelerator.is_main_process:
             write_fresh_fuser(config, run_dir)
         accelerator.wait_for_everyone()

@@ -1,6 +1,6 @@
 """The models of a training run: loading them, what trains (fuser, DiT fully / LoRA / not), the optimizer.
 
-Everything loads through mimir.loading (or mimir.testing for the `tiny` models), so a trained model is the
+Everything loads through mimir.loading (or comes from the caller as `components`), so a trained model is the
 same object the pipeline runs. The fuser and the DiT are wrapped into one `Denoiser` module: the text stream is
 fused inside its forward, so the fuser trains end-to-end and accelerate (DDP, FSDP, DeepSpeed) sees one model.
 """
@@ -18,7 +18,6 @@ from ..describe import describe
 from ..fuser import FuserConfig, TokenFuser, save_fuser
 from ..loading import load_pipeline
 from ..offload import Placement
-from ..testing import tiny_components
 from ..variants import FUSER_FILE
 from .config import TrainConfig
 from .data import pixels_to_vae_input
@@ -36,11 +35,18 @@ def fuser_file(config: TrainConfig, fresh_dir) -> Path | None:
     """The fuser file a run starts from: `fuser`, else the model folder's own, else a fresh one in `fresh_dir`."""
     if config.fuser:
         return Path(config.fuser)
-    own = Path(config.model) / FUSER_FILE
-    if own.is_file():
+    own = Path(config.model) / FUSER_FILE if config.model else None
+    if own is not None and own.is_file():
         return own
     fresh = Path(fresh_dir) / FRESH_FUSER
     return fresh if fresh.is_file() else None
+
+
+def require_model(config: TrainConfig) -> None:
+    """Without `components` the models come from `model`, which must then be set."""
+    if not config.model:
+        raise ValueError("model is not set: give a Mimir/CogVideoX folder (or model=demo), or pass the models "
+                         "from Python as components")
 
 
 def write_fresh_fuser(config: TrainConfig, folder) -> Path:
@@ -63,11 +69,8 @@ def load_components(config: TrainConfig, fuser_path: Path | None, encoders: bool
     """MimirPipeline keyword arguments. Without `encoders` (training from a cache) no T5 or LLM is loaded,
     without `vae` no VAE, without `dit` no DiT (caching needs none)."""
     dtype = weight_dtype(config)
-    if config.model.startswith("tiny"):
-        parts = tiny_components(variant=config.model.partition(":")[2] or "2b")
-        if fuser_path is not None:
-            parts["fuser"] = load_token_fuser(fuser_path, dtype=torch.float32)[0]
-    elif encoders and dit:
+    require_model(config)
+    if encoders and dit:
         pipe = load_pipeline(config.model, dtype=dtype, fuser_path=fuser_path, llm_path=config.llm)
         parts = {name: getattr(pipe, name) for name in ("transformer", "vae", "scheduler", "tokenizer",
                                                         "text_encoder", "llm", "llm_tokenizer", "fuser")}
@@ -92,9 +95,6 @@ def load_components(config: TrainConfig, fuser_path: Path | None, encoders: bool
 def load_text_encoders(config: TrainConfig) -> dict:
     """T5 and the LLM with their tokenizers (MimirPipeline keyword arguments) of `config.model` (`config.llm`
     when given), in the autocast dtype, on the CPU."""
-    if config.model.startswith("tiny"):
-        parts = tiny_components(variant=config.model.partition(":")[2] or "2b")
-        return {name: parts[name] for name in ("text_encoder", "tokenizer", "llm", "llm_tokenizer")}
     text_encoder, tokenizer, _ = load_t5(config.model, dtype=weight_dtype(config))
     llm, llm_tokenizer, _ = load_llm(config.llm or config.model, weight_dtype(config))
     return dict(text_encoder=text_encoder, tokenizer=tokenizer, llm=llm, llm_tokenizer=llm_tokenizer)
