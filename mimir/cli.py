@@ -159,15 +159,10 @@ def _model_folder(args):
 
 
 def _memory_options(args, pipe, device) -> None:
-    from .memory import compile_blocks, enable_block_swap, enable_fp8_storage
-    from .offload import module_dtype
+    from .memory import MemoryOptions, apply_memory_options
 
-    if args.fp8:
-        enable_fp8_storage(pipe.transformer, module_dtype(pipe.transformer))
-    if args.blocks_to_swap:
-        enable_block_swap(pipe.transformer, args.blocks_to_swap, device, args.offload_device)
-    if args.compile:
-        compile_blocks(pipe.transformer)
+    apply_memory_options(pipe.transformer, MemoryOptions(args.fp8, args.blocks_to_swap, args.compile), device,
+                         args.offload_device)
 
 
 def _prompt_cache(args, prompts: list[str], dtype: str):

@@ -11,7 +11,6 @@ is a warning that names the nearest known field. Never a download, never remote 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import sentencepiece
 import torch
 import transformers
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from packaging.version import Version
 from torch import nn
@@ -49,26 +49,10 @@ class ComponentInfo:
 
 # ---- building models -------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _params_on_meta():
-    """Create parameters on the meta device (no memory, no init cost) but buffers for real: buffers that are not
-    saved in checkpoints (CogVideoX's sin-cos positions) are computed at init and must survive loading."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def _build(make, weights: Weights, dtype, device, where: str) -> nn.Module:
-    with _params_on_meta():
+    # parameters on the meta device (no memory, no init cost), buffers for real: buffers that checkpoints do not
+    # hold (CogVideoX's sin-cos positions) are computed at init and must survive loading
+    with init_empty_weights(include_buffers=False):
         model = make()
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, weights.shapes, where)
     dtype = resolve_dtype(dtype) or weights.stored_dtype()

@@ -12,11 +12,20 @@
   resolution, frame count or batch size compiles again. Off unless asked for.
 
 Order: enable fp8 storage first, then block swap (block swap keeps the tensors it finds at enable time).
+`apply_memory_options` is the one place that applies them, for the CLI and the nodes (training uses none: fp8
+weights and swapped blocks are for inference only).
+
+Why our own and not diffusers': measured on one CogVideoX-5B-width block (3072 wide, weights spread 0.02, bf16
+compute), fp8 storage with a per-tensor scale is 0.79% off the bf16 output and holds 168 MB of parameters;
+diffusers' layerwise casting to float8_e4m3fn is 1.20% off and holds 185 MB (unscaled, weights this small sit
+in fp8's subnormal range). diffusers' group offloading moves every block; block swap moves only the last N, so a
+card that holds most of the DiT keeps most of its speed (not yet timed on a GPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,6 +34,28 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+@dataclass
+class MemoryOptions:
+    """The DiT's memory and speed options: CLI flags --fp8 / --blocks-to-swap / --compile, Model Loader inputs."""
+
+    fp8: bool = False
+    blocks_to_swap: int = 0
+    compile: bool = False
+
+
+def apply_memory_options(transformer: nn.Module, options: MemoryOptions, device, offload_device="cpu") -> None:
+    """fp8 storage (computing in the dtype the transformer was loaded in), then block swap, then compile."""
+    blocks = len(_blocks(transformer))
+    if not 0 <= options.blocks_to_swap <= blocks:
+        raise ValueError(f"blocks_to_swap must be in 0..{blocks} (the model's blocks), got {options.blocks_to_swap}")
+    if options.fp8:
+        enable_fp8_storage(transformer, next(transformer.parameters()).dtype)
+    if options.blocks_to_swap:
+        enable_block_swap(transformer, options.blocks_to_swap, device, offload_device)
+    if options.compile:
+        compile_blocks(transformer)
 
 
 # ---- fp8 weight storage --------------------------------------------------------------------------------

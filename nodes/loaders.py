@@ -25,7 +25,7 @@ from ..mimir.components import (
     load_vae,
 )
 from ..mimir.loading import DEMO_MODEL_DIR
-from ..mimir.memory import enable_block_swap, enable_fp8_storage
+from ..mimir.memory import MemoryOptions, apply_memory_options
 from ..mimir.prompt_cache import files_identity
 from ..mimir.variants import FUSER_FILE, SNR_SHIFT_SCALE
 from . import comfy_services as services
@@ -243,14 +243,13 @@ class MimirModelLoader:
         fp8 = _dtype(dtype) == "fp8_e4m3fn"
         transformer, info = load_transformer(path, dtype="bf16" if fp8 else _dtype(dtype),
                                              device=services.offload_device())
+        if blocks_to_swap > info.dims["num_layers"]:
+            raise ValueError(f"blocks_to_swap: {blocks_to_swap} is more than the model's "
+                             f"{info.dims['num_layers']} blocks")
+        apply_memory_options(transformer, MemoryOptions(fp8=fp8, blocks_to_swap=blocks_to_swap),
+                             services.compute_device(), services.offload_device())
         if fp8:
-            enable_fp8_storage(transformer, compute_dtype=torch.bfloat16)
             info = dataclasses.replace(info, dtype="float8_e4m3fn")
-        if blocks_to_swap:
-            if blocks_to_swap > info.dims["num_layers"]:
-                raise ValueError(f"blocks_to_swap: {blocks_to_swap} is more than the model's "
-                                 f"{info.dims['num_layers']} blocks")
-            enable_block_swap(transformer, blocks_to_swap, services.compute_device(), services.offload_device())
         if info.vae_scaling_factor is None:
             raise ValueError(f"model_name: {model_name} is a custom CogVideoX variant whose VAE scaling factor is "
                              f"unknown; save it with mimir's save_single_file(..., vae_scaling_factor=...) or as a "

@@ -210,4 +210,4 @@ def test_memory_flags(model_dir, tmp_path, capsys):
     assert run(capsys, *common, "--fp8", "-o", tmp_path / "fp8.webp")[0] == 0
     assert read_video(tmp_path / "fp8.webp").shape == read_video(tmp_path / "plain.webp").shape
     code, _, err = run(capsys, *common, "--blocks-to-swap", 9, "-o", tmp_path / "x.webp")
-    assert code == 2 and "blocks_to_swap must be in 1..2" in err
+    assert code == 2 and "blocks_to_swap must be in 0..2" in err

@@ -5,6 +5,8 @@ from torch import nn
 from mimir.memory import (
     FP8,
     Fp8Linear,
+    MemoryOptions,
+    apply_memory_options,
     compile_blocks,
     disable_block_swap,
     enable_block_swap,
@@ -185,3 +187,15 @@ def test_compile_blocks_same_output_and_no_recompile_across_steps():
     assert per_step[0] > 0 and per_step == [per_step[0]] * 3  # compiled on step 1, never again
     uncompile_blocks(pipe.transformer)
     assert "forward" not in pipe.transformer.transformer_blocks[0].__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_options_apply_in_one_order_computing_in_the_loaded_dtype(dtype):
+    """One policy for the CLI and the nodes: fp8 storage computes in the dtype the DiT was loaded in."""
+    tr = dit().to(dtype)
+    apply_memory_options(tr, MemoryOptions(fp8=True, blocks_to_swap=1), "cpu", "cpu")
+    fp8 = [m for m in tr.modules() if type(m).__name__ == "Fp8Linear"]
+    assert fp8 and all(m.bias is None or m.bias.dtype == dtype for m in fp8)
+    assert tr._mimir_block_swap is not None
+    with pytest.raises(ValueError, match="blocks_to_swap must be in 0..3"):
+        apply_memory_options(dit(), MemoryOptions(blocks_to_swap=4), "cpu", "cpu")
