@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from .fuser import FuserConfig
@@ -157,10 +156,10 @@ def encode_features_cached(pipeline, prompts: list[str], cache: PromptCache, see
     found = {p: cache.get(parts[p]) for p in parts}
     missing = [p for p, features in found.items() if features is None]
     if missing:
-        for prompt, features in zip(missing, _split(pipeline.encode_features(missing, seed=seed, callback=callback))):
+        for prompt, features in zip(missing, pipeline.encode_features(missing, seed=seed, callback=callback).split()):
             cache.put(parts[prompt], features)
             found[prompt] = features
-    return _stack([found[p] for p in prompts])
+    return TextFeatures.cat([found[p] for p in prompts])
 
 
 def _joint_identity(model, tokenizer, what: str) -> str:
@@ -168,23 +167,3 @@ def _joint_identity(model, tokenizer, what: str) -> str:
         raise ValueError(f"the {what} (model or tokenizer) is not loaded: pass its identity (model_identity of its "
                          f"files) to use the prompt cache without it")
     return model_identity(model) + model_identity(tokenizer)
-
-
-def _split(features: TextFeatures) -> list[TextFeatures]:
-    """A batch -> one TextFeatures per prompt, LLM tokens cut to the prompt's own length."""
-    out = []
-    for i in range(features.t5.shape[0]):
-        length = int(features.llm_mask[i].sum())
-        instructions = None if features.instructions is None else features.instructions[i:i + 1]
-        out.append(TextFeatures(features.t5[i:i + 1], features.llm[i:i + 1, :length],
-                                features.llm_mask[i:i + 1, :length], instructions).to("cpu"))
-    return out
-
-
-def _stack(items: list[TextFeatures]) -> TextFeatures:
-    """Per-prompt features -> a batch, LLM tokens right-padded with mask 0 as LLMTextEncoder pads them."""
-    longest = max(1, max(f.llm.shape[1] for f in items))
-    llm = torch.cat([F.pad(f.llm, (0, 0, 0, longest - f.llm.shape[1])) for f in items])
-    mask = torch.cat([F.pad(f.llm_mask, (0, longest - f.llm_mask.shape[1])) for f in items])
-    instructions = None if items[0].instructions is None else torch.cat([f.instructions for f in items])
-    return TextFeatures(torch.cat([f.t5 for f in items]), llm, mask, instructions)

@@ -39,6 +39,25 @@ class TextFeatures:
             out["instructions"] = self.instructions
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
+    def split(self) -> list[TextFeatures]:
+        """A batch -> one TextFeatures per prompt (batch 1, on the CPU), LLM tokens cut to the prompt's length."""
+        out = []
+        for i in range(self.t5.shape[0]):
+            length = int(self.llm_mask[i].sum())
+            instructions = None if self.instructions is None else self.instructions[i:i + 1]
+            out.append(TextFeatures(self.t5[i:i + 1], self.llm[i:i + 1, :length], self.llm_mask[i:i + 1, :length],
+                                    instructions).to("cpu"))
+        return out
+
+    @classmethod
+    def cat(cls, items: list[TextFeatures]) -> TextFeatures:
+        """Per-prompt features -> a batch, LLM tokens right-padded with mask 0 as LLMTextEncoder pads them."""
+        longest = max(1, max(f.llm.shape[1] for f in items))
+        llm = torch.cat([F.pad(f.llm, (0, 0, 0, longest - f.llm.shape[1])) for f in items])
+        mask = torch.cat([F.pad(f.llm_mask, (0, longest - f.llm_mask.shape[1])) for f in items])
+        instructions = None if items[0].instructions is None else torch.cat([f.instructions for f in items])
+        return cls(torch.cat([f.t5 for f in items]), llm, mask, instructions)
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> TextFeatures:
         missing = {"t5", "llm", "llm_mask"} - set(tensors)

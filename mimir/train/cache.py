@@ -26,7 +26,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -43,10 +42,8 @@ from .data import Clip, load_clip, read_clips
 from .model import (
     encode_latent_params,
     frozen_placement,
-    fuser_file,
     load_components,
-    require_model,
-    write_fresh_fuser,
+    starting_fuser,
 )
 from .storage import reported_write, write_text
 
@@ -141,25 +138,14 @@ def check_meta(meta: dict, expected: dict, where) -> None:
 
 
 def feature_rows(features: TextFeatures) -> list[dict[str, torch.Tensor]]:
-    """A batch of features -> one dict per prompt, the LLM tokens cut to that prompt's real length."""
-    rows = []
-    for i in range(features.t5.shape[0]):
-        length = int(features.llm_mask[i].sum())
-        row = {"t5": features.t5[i], "llm": features.llm[i, :length], "llm_mask": features.llm_mask[i, :length]}
-        if features.instructions is not None:
-            row["instructions"] = features.instructions[i]
-        rows.append({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-                     for k, v in row.items()})
-    return rows
+    """A batch of features -> one dict of float32 tensors per prompt (a shard's rows: no batch dimension)."""
+    return [{k: (v.float() if v.is_floating_point() else v)[0] for k, v in one.tensors().items()}
+            for one in features.split()]
 
 
 def stack_features(rows: list[dict]) -> TextFeatures:
-    """One dict per prompt -> a batch, LLM tokens right-padded with mask 0 (as LLMTextEncoder pads)."""
-    longest = max(1, max(r["llm"].shape[0] for r in rows))
-    llm = torch.stack([F.pad(r["llm"], (0, 0, 0, longest - r["llm"].shape[0])) for r in rows])
-    mask = torch.stack([F.pad(r["llm_mask"], (0, longest - r["llm_mask"].shape[0])) for r in rows])
-    instructions = torch.stack([r["instructions"] for r in rows]) if "instructions" in rows[0] else None
-    return TextFeatures(torch.stack([r["t5"] for r in rows]), llm, mask, instructions)
+    """Rows of feature_rows -> a batch (TextFeatures.cat pads the LLM tokens)."""
+    return TextFeatures.cat([TextFeatures.from_tensors({k: v[None] for k, v in row.items()}) for row in rows])
 
 
 def save_rows(rows: list[dict], path: Path, metadata: dict[str, str]) -> None:
@@ -195,11 +181,9 @@ def build_cache(config: TrainConfig, components: dict | None = None, progress: b
     if (folder / META).exists():
         check_sources(folder, sources, listing)
     if components is None:
-        require_model(config)
-    if state.is_main_process and components is None and fuser_file(config, folder) is None:
-        write_fresh_fuser(config, folder)
-    state.wait_for_everyone()
-    parts = dict(components) if components is not None else load_components(config, fuser_file(config, folder), dit=False)
+        parts = load_components(config, starting_fuser(config, state, folder), dit=False)
+    else:
+        parts = dict(components)
     pipe = MimirPipeline(**{**parts, "transformer": None}, placement=frozen_placement(parts, config, state.device))
     meta = cache_meta(config, pipe.fuser.config, float(pipe.vae.config.scaling_factor)) | sources
     if state.is_main_process:

@@ -68,16 +68,14 @@ from .model import (
     encode_latent_params,
     frozen_placement,
     fsdp_wrap_policy,
-    fuser_file,
     group_settings,
     load_components,
     load_text_encoders,
     make_optimizer,
-    require_model,
     setup_trainable,
+    starting_fuser,
     trainable_parameters,
     use_8bit_adam,
-    write_fresh_fuser,
 )
 from .storage import RunFailed, reported_write, write_text
 
@@ -400,14 +398,7 @@ def start_fuser(accelerator: Accelerator, config: TrainConfig, components: dict 
     CogVideoX. None when `components` bring their own fuser."""
     if components is not None:
         return None
-    require_model(config)
-    fresh_dir = config.cache or run_dir
-    if fuser_file(config, fresh_dir) is None:
-        if accelerator.is_main_process:
-            write_fresh_fuser(config, run_dir)
-        accelerator.wait_for_everyone()
-        fresh_dir = run_dir
-    return fuser_file(config, fresh_dir)
+    return starting_fuser(config, accelerator, config.cache or run_dir, run_dir)
 
 
 def open_pipeline(accelerator: Accelerator, config: TrainConfig, components: dict | None, fuser_path: Path | None):

@@ -49,6 +49,21 @@ def require_model(config: TrainConfig) -> None:
                          "from Python as components")
 
 
+def starting_fuser(config: TrainConfig, state, fresh_dir, write_dir=None) -> Path:
+    """The fuser file a run or a cache starts from (fuser_file); for a plain CogVideoX a fresh one, written once
+    into `write_dir` (default `fresh_dir`) by the main process while the others wait. `state`: the Accelerator
+    or PartialState."""
+    require_model(config)
+    found = fuser_file(config, fresh_dir)
+    if found is None:
+        write_dir = fresh_dir if write_dir is None else write_dir
+        if state.is_main_process:
+            write_fresh_fuser(config, write_dir)
+        state.wait_for_everyone()
+        found = fuser_file(config, write_dir)
+    return found
+
+
 def write_fresh_fuser(config: TrainConfig, folder) -> Path:
     """A new fuser (zero-convs at zero, e_l ~ N(0, 0.02) from `seed`; the spec's default settings) for a plain
     CogVideoX + an LLM, its dims read from their configs."""
