@@ -50,10 +50,6 @@ def free_accelerator_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def module_device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     """The compute dtype: float8 weights (memory.py's fp8 storage) are upcast at run time, so they don't count."""
     return next(p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype.itemsize > 1)

@@ -1,13 +1,14 @@
 """MimirPipeline: prompt -> T5 + LLM -> token fuser -> CogVideoX DiT + scheduler (CFG) -> VAE -> frames.
 
 The denoising loop mirrors diffusers' `CogVideoXPipeline` step for step, so with a fresh fuser and no
-stabilizer tokens both give the same latents (tests/test_pipeline_parity.py). Latents are in diffusers'
+stabilizer tokens both give the same latents (tests/test_pipeline.py). Latents are in diffusers'
 order [B, T, C, H, W] and in diffusion space (VAE latents times the VAE scaling factor).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from .offload import Placement, module_dtype
 from .prompt_cache import PromptCache, encode_features_cached
 from .text import LLMTextEncoder, TextFeatures, encode_t5
 from .variants import SCHEDULERS, T5_TEXT_LEN
+
+logger = logging.getLogger(__name__)
 
 # (step index, number of steps, latents) -> None; may raise to interrupt
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -330,11 +333,15 @@ class MimirPipeline:
 
 def fit_text_positions(transformer, text_len: int) -> None:
     """Sin-cos (CogVideoX-2B style) transformers lay out positions for a fixed text length; resize them (a
-    buffer, not weights) so a stream of any length fits. Rotary transformers read the length at run time."""
+    buffer, not weights) so a stream of any length fits. Rotary transformers read the length at run time.
+    load_transformer(text_len=...) sizes them at load; denoise calls this for a stream whose length was first
+    known there (a ComfyUI model loader does not know the fuser), once per length, and says so in the log."""
     embed = transformer.patch_embed
     if not embed.use_positional_embeddings or embed.use_learned_positional_embeddings:
         return
     if embed.max_text_seq_length != text_len:
+        logger.info("sin-cos text positions of the transformer resized from %d to %d tokens (the text stream's "
+                    "length; the weights are unchanged)", embed.max_text_seq_length, text_len)
         embed.max_text_seq_length = text_len
         positions = embed._get_positional_embeddings(embed.sample_height, embed.sample_width, embed.sample_frames,
                                                      device=embed.pos_embedding.device)

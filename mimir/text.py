@@ -17,7 +17,7 @@ from .variants import T5_TEXT_LEN
 
 logger = logging.getLogger(__name__)
 _SENTINEL = "MIMIRPROMPTSENTINEL"
-StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+TokenCallback = Callable[[int, int], None]  # (answer tokens generated, answer_tokens): progress, interruption
 
 
 @dataclass
@@ -92,7 +92,7 @@ def encode_t5(tokenizer, text_encoder, prompts: list[str], max_length: int = T5_
 class _EveryStep(StoppingCriteria):
     """Calls back once per generated token (progress, interruption); never stops generation itself."""
 
-    def __init__(self, callback: StepCallback, total: int):
+    def __init__(self, callback: TokenCallback, total: int):
         self.callback, self.total, self.done = callback, total, 0
 
     def __call__(self, input_ids, scores, **kwargs):
@@ -142,7 +142,7 @@ class LLMTextEncoder:
         out = self.llm(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
         return out.hidden_states[self.config.llm_hidden_layer]
 
-    def _answer(self, ids: list[int], seed: int | None, callback: StepCallback | None) -> list[int]:
+    def _answer(self, ids: list[int], seed: int | None, callback: TokenCallback | None) -> list[int]:
         cfg = self.config
         if cfg.answer_sampling and seed is None:
             raise ValueError("answer_sampling is on: give an explicit seed so the answer tokens are reproducible")
@@ -168,7 +168,7 @@ class LLMTextEncoder:
         return {*configured, self.tokenizer.eos_token_id} - {None}
 
     @torch.no_grad()
-    def encode_one(self, prompt: str, seed: int | None = None, callback: StepCallback | None = None):
+    def encode_one(self, prompt: str, seed: int | None = None, callback: TokenCallback | None = None):
         """-> (tokens [m, D], instruction tokens [K, D] or None) for one prompt."""
         cfg = self.config
         query = self._ids(prompt)
@@ -194,7 +194,7 @@ class LLMTextEncoder:
         last = torch.tensor([len(r) - 1 for r in rows], device=self.device)
         return hidden[torch.arange(len(rows), device=self.device), last]
 
-    def __call__(self, prompts: list[str], seed: int | None = None, callback: StepCallback | None = None):
+    def __call__(self, prompts: list[str], seed: int | None = None, callback: TokenCallback | None = None):
         """-> (tokens [B, m, D], mask [B, m], instructions [B, K, D] or None); batch padded with mask 0."""
         encoded = [self.encode_one(p, seed, callback) for p in prompts]
         longest = max(1, max(t.shape[0] for t, _ in encoded))
@@ -202,12 +202,3 @@ class LLMTextEncoder:
         mask = torch.stack([(torch.arange(longest, device=t.device) < t.shape[0]).long() for t, _ in encoded])
         instructions = torch.stack([i for _, i in encoded]) if self.config.stabilizer_tokens else None
         return tokens, mask, instructions
-
-
-def encode_text(prompts: list[str], tokenizer, text_encoder, llm_encoder: LLMTextEncoder, seed: int | None = None,
-                callback: StepCallback | None = None) -> TextFeatures:
-    """Run both frozen encoders on a batch of prompts."""
-    cfg = llm_encoder.config
-    t5 = encode_t5(tokenizer, text_encoder, prompts, max_length=cfg.text_len)
-    llm, mask, instructions = llm_encoder(prompts, seed=seed, callback=callback)
-    return TextFeatures(t5, llm, mask, instructions)

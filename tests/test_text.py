@@ -5,8 +5,9 @@ import torch
 from diffusers import CogVideoXPipeline
 
 from mimir.fuser import FuserConfig
+from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_components, tiny_llm, word_tokenizer
-from mimir.text import LLMTextEncoder, TextFeatures, encode_t5, encode_text
+from mimir.text import LLMTextEncoder, TextFeatures, encode_t5
 
 PROMPT = "a red circle moves to the left"
 
@@ -111,9 +112,8 @@ def test_instruction_tokens_batched_equal_one_by_one():
 
 def test_batch_masks_and_feature_round_trip(tmp_path):
     c = tiny_components()
-    enc = LLMTextEncoder(c["llm"], c["llm_tokenizer"], c["fuser"].config)
     steps = []
-    feats = encode_text([PROMPT, "red"], c["tokenizer"], c["text_encoder"], enc, callback=lambda i, n: steps.append(i))
+    feats = MimirPipeline(**c).encode_features([PROMPT, "red"], callback=lambda i, n: steps.append(i))
     lengths = feats.llm_mask.sum(1).tolist()
     assert lengths[0] > lengths[1] and feats.llm.shape[1] == max(lengths)
     assert feats.llm[1, lengths[1]:].abs().sum() == 0
