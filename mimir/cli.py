@@ -49,6 +49,16 @@ def _generate_parser(sub) -> None:
     p.add_argument("--slicing", action="store_true", help="VAE decodes one video of the batch at a time")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("-o", "--output", type=Path, default=Path("mimir.mp4"))
+    _speed_parser(p)
+
+
+def _speed_parser(p) -> None:
+    p.add_argument("--attention", default="native", metavar="BACKEND",
+                   help="the DiT's attention backend through diffusers' dispatcher: native (torch SDPA, default), "
+                        "flash, sage or xformers (each needs its package)")
+    p.add_argument("--step-cache", default=None, metavar="METHOD[:SETTING]",
+                   help="diffusers' step caching during denoising: fbc[:threshold], pab[:skip], faster[:skip], "
+                        "taylorseer[:interval] or mag[:threshold] (mag calibrates on its first run); off by default")
 
 
 def _resolve_device(args):
@@ -80,7 +90,23 @@ def _load(args, device, dtype, cached: bool = False):
         pipe.vae, _ = load_vae(args.vae, dtype=dtype, device=args.offload_device)
     pipe.use_scheduler(args.scheduler)
     _memory_options(args, pipe, device)
+    _speed_options(args, pipe)
     return pipe, "demo" if folder == DEMO_MODEL_DIR else str(folder)
+
+
+def _check_speed_options(args) -> None:
+    """Fail on a bad --attention or --step-cache before any model is loaded."""
+    from .speed import StepCache, check_attention_backend
+
+    check_attention_backend(args.attention)
+    args.step_cache = None if args.step_cache is None else StepCache.parse(args.step_cache)
+
+
+def _speed_options(args, pipe) -> None:
+    from .speed import set_attention_backend
+
+    set_attention_backend(pipe.transformer, args.attention)
+    pipe.step_cache = args.step_cache
 
 
 def _model_folder(args):
@@ -150,6 +176,7 @@ def cmd_generate(args) -> int:
 
     device, dtype = _resolve_device(args)
     start = time.perf_counter()
+    _check_speed_options(args)
     if args.frames is not None or args.height is not None or args.width is not None:
         check_video_size(args.frames or 49, args.height or 480, args.width or 720)  # fail before loading models
     if args.guidance is None:

@@ -7,6 +7,7 @@ order [B, T, C, H, W] and in diffusion space (VAE latents times the VAE scaling 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .fuser import FuserConfig
 from .offload import Placement, module_dtype
 from .prompt_cache import PromptCache, encode_features_cached
+from .speed import StepCache, step_caching
 from .text import LLMTextEncoder, TextFeatures, encode_t5
 
 # (step index, number of steps, latents) -> None; may raise to interrupt
@@ -60,6 +62,8 @@ class MimirPipeline:
         self.placement = placement or Placement()
         self.prompt_cache = prompt_cache  # a repeated prompt then runs neither T5 nor the LLM
         self._llm_encoder = None
+        self.step_cache: StepCache | None = None  # diffusers' step caching during denoise (speed.py)
+        self.current_timestep = None  # the step's timestep while denoising, as diffusers' pipelines have it
 
     # ---- text ------------------------------------------------------------------------------------------
     @property
@@ -165,8 +169,10 @@ class MimirPipeline:
             else:
                 x = self._noised_input(latents, noise, timesteps[:1], extra, device, dtype)
             rotary = self._rotary(height, width, x.shape[1], device)
-            x = self._loop(x, text, timesteps, guidance if use_cfg else None, dynamic_cfg, steps, rotary, generator,
-                           callback)
+            with step_caching(self.transformer, self.step_cache, lambda: self.current_timestep, len(timesteps),
+                              use_cfg):
+                x = self._loop(x, text, timesteps, guidance if use_cfg else None, dynamic_cfg, steps, rotary,
+                               generator, callback)
         return x[:, extra:]
 
     def _noised_input(self, latents, noise, first_t, extra, device, dtype):
@@ -181,12 +187,16 @@ class MimirPipeline:
 
     def _loop(self, x, text, timesteps, guidance, dynamic_cfg, steps, rotary, generator, callback):
         dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
+        cached = getattr(self.transformer, "is_cache_enabled", False)  # cache hooks keep their state per context
         old_pred = None
         for i, t in enumerate(timesteps):
+            self.current_timestep = t
             model_in = torch.cat([x] * 2) if guidance is not None else x
             model_in = self.scheduler.scale_model_input(model_in, t)
-            pred = self.transformer(hidden_states=model_in, encoder_hidden_states=text, timestep=t.expand(model_in.shape[0]),
-                                    image_rotary_emb=rotary, return_dict=False)[0].float()
+            with self.transformer.cache_context("cond_uncond") if cached else contextlib.nullcontext():
+                pred = self.transformer(hidden_states=model_in, encoder_hidden_states=text,
+                                        timestep=t.expand(model_in.shape[0]), image_rotary_emb=rotary,
+                                        return_dict=False)[0].float()
             if guidance is not None:
                 scale = guidance
                 if dynamic_cfg:
@@ -202,6 +212,7 @@ class MimirPipeline:
             x = x_next.to(text.dtype)
             if callback is not None:
                 callback(i + 1, len(timesteps), x)
+        self.current_timestep = None
         return x
 
     # ---- decoding ----------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ WIDGETS = {
     "MimirT5Loader": ["t5_name", "dtype"],
     "MimirLLMLoader": ["llm_name", "dtype", "trust_remote_code"],
     "MimirFuserLoader": ["fuser_name"],
-    "MimirModelLoader": ["model_name", "dtype", "blocks_to_swap"],
+    "MimirModelLoader": ["model_name", "dtype", "blocks_to_swap", "attention"],
     "MimirVAELoader": ["vae_name", "dtype"],
     "MimirTextEncode": ["t5", "llm", "fuser", "prompt", "answer_tokens", "instructions", "answer_seed",
                         "prompt_cache"],
@@ -128,7 +128,7 @@ WIDGETS = {
     "MimirSaveEncodedPrompt": ["features", "name"],
     "MimirLoadEncodedPrompt": ["fuser", "encoded_prompt"],
     "MimirSampler": ["model", "positive", "negative", "width", "height", "frames", "steps", "cfg", "seed", "scheduler",
-                     "dynamic_cfg", "denoise", "latent"],
+                     "dynamic_cfg", "denoise", "latent", "step_cache", "step_cache_setting"],
     "MimirDecode": ["vae", "samples", "tiling"],
     "MimirVAEEncode": ["vae", "images"],
 }
