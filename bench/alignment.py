@@ -53,13 +53,18 @@ def evaluate(pipe, prompts: list[dict], seed: int, guidance: float) -> tuple[dic
     for index, item in enumerate(prompts):
         frames = pipe(item["prompt"], num_frames=cfg.sample_frames, height=cfg.sample_height * 8,
                       width=cfg.sample_width * 8, steps=DEMO_STEPS, guidance=guidance, seed=seed + index)[0]
-        found = analyse(frames)
-        right = [found[name] == item[name] for name in ATTRIBUTES]
-        for name, ok in zip(ATTRIBUTES, right):
+        found, right = judge(item, frames)
+        for name, ok in right.items():
             hits[name] += ok
-        hits["all"] += all(right)
         results.append((item, found, frames))
     return {name: count / len(prompts) for name, count in hits.items()}, results
+
+
+def judge(item: dict, frames) -> tuple[dict, dict[str, bool]]:
+    """-> (what the analysis reads off the frames, {attribute or "all": whether it is the prompt's})."""
+    found = analyse(frames)
+    right = {name: found[name] == item[name] for name in ATTRIBUTES}
+    return found, {**right, "all": all(right.values())}
 
 
 def no_fuser_arm(folder: Path | None, model: Path) -> Path:

@@ -8,8 +8,12 @@ tokens (so Mimir's text stream equals plain CogVideoX's), a CogVideoX-2B-style t
 Two comparisons, timed interleaved in one run:
 - "denoise + decode": both pipelines get the same prompt embeddings (diffusers through prompt_embeds), so the
   work is the same DiT + scheduler loop and VAE decode: this is the parity figure (target <= 1.05).
-- "whole call": prompt in, frames out. Mimir also runs the LLM (query, answer and instruction tokens) and the
-  fuser, which diffusers does not have: this ratio shows that extra cost, it is not a parity figure.
+- "whole call": prompt in, frames out (prompt cache off). Mimir also runs the LLM (query, answer and instruction
+  tokens) and the fuser, which diffusers does not have: that extra cost is what this ratio shows (target <= 1.10).
+- "encode stage": Mimir's encode of [negative "", prompt] (T5 + LLM + fuser) against the same encode done the
+  straightforward way, as before issue 13 (`mimir.testing.uncached_llm_features`: a second forward over prompt +
+  answer, instruction rows re-reading the prompt, the empty prompt encoded every call); target >= 1.5x faster.
+  The empty prompt is encoded once per loaded LLM, so after the warm-up call it is reused, as in a session.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
 from mimir.offload import Placement
 from mimir.pipeline import MimirPipeline
-from mimir.testing import tiny_components
+from mimir.testing import tiny_components, uncached_llm_features
+from mimir.text import TextFeatures, encode_t5
 
 PROMPT = "a red circle moves to the left and a blue square spins"
 FRAMES, SIZE, STEPS, GUIDANCE = 9, 32, 8, 6.0
@@ -60,17 +65,26 @@ def run(repeats: int = 31) -> list[Row]:
     def mimir_call():
         return mimir(PROMPT, "", **video, steps=STEPS, guidance=GUIDANCE, seed=0)
 
+    def uncached_encode():  # encode_prompt's work, the LLM part done as before issue 13
+        prompts = ["", PROMPT]
+        t5 = encode_t5(c["tokenizer"], c["text_encoder"], prompts, max_length=mimir.text_len)
+        return mimir.fuse(TextFeatures(t5, *uncached_llm_features(mimir.llm_encoder(), prompts)))
+
     with torch.no_grad():
         diff = (mimir_denoise_decode("latent") - ref_call(True, "latent")).abs().max().item()
         times = interleaved({"mimir_dd": mimir_denoise_decode, "diffusers_dd": lambda: ref_call(True),
-                             "mimir_all": mimir_call, "diffusers_all": lambda: ref_call(False)}, repeats)
+                             "mimir_all": mimir_call, "diffusers_all": lambda: ref_call(False),
+                             "encode": lambda: mimir.encode_prompt(PROMPT, ""), "encode_uncached": uncached_encode},
+                            repeats)
+        features = mimir.llm_encoder()(["", PROMPT])[0], uncached_llm_features(mimir.llm_encoder(), ["", PROMPT])[0]
+        encode_diff = (features[0] - features[1]).abs().max().item()
         memory = {"mimir_dd": peak_memory(mimir_denoise_decode), "diffusers_dd": peak_memory(lambda: ref_call(True)),
                   "mimir_all": peak_memory(mimir_call), "diffusers_all": peak_memory(lambda: ref_call(False))}
     where = f"{DEVICE.type.upper()}; {FRAMES} frames {SIZE}x{SIZE}, {STEPS} steps, CFG"
     rows = []
     for part, label in (("dd", "denoise + decode, same embeds"), ("all", "whole call (Mimir adds LLM + fuser)")):
         ratio = median_ratio(times, f"mimir_{part}", f"diffusers_{part}")
-        target, met = check(ratio, "<=", 1.05) if part == "dd" else ("", None)
+        target, met = check(ratio, "<=", 1.05 if part == "dd" else 1.10)
         detail = f"median {median(times[f'mimir_{part}']) * 1e3:.1f} ms vs " \
                  f"{median(times[f'diffusers_{part}']) * 1e3:.1f} ms, {repeats} interleaved repeats " \
                  f"({ratio_spread(times, f'mimir_{part}', f'diffusers_{part}')}); {where}"
@@ -80,6 +94,12 @@ def run(repeats: int = 31) -> list[Row]:
         peak_m, peak_d = memory[f"mimir_{part}"], memory[f"diffusers_{part}"]
         rows.append(Row(f"Mimir / diffusers peak memory, {label}", peak_m / peak_d, "", None,
                         f"{peak_m / MIB:.2f} MiB vs {peak_d / MIB:.2f} MiB peak tensor memory"))
+    speedup = median_ratio(times, "encode_uncached", "encode")
+    rows.append(Row("encode stage speed-up, cached LLM encode vs uncached (T5 + LLM + fuser, prompt and empty "
+                    "negative)", speedup, *check(speedup, ">=", 1.5),
+                    f"median {median(times['encode']) * 1e3:.1f} ms vs {median(times['encode_uncached']) * 1e3:.1f} ms "
+                    f"uncached, {repeats} interleaved repeats ({ratio_spread(times, 'encode_uncached', 'encode')}); "
+                    f"LLM features max abs diff {encode_diff:g}; {where}"))
     return rows
 
 

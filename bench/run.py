@@ -37,6 +37,7 @@ BENCHMARKS = {
     "offload": "stage-wise offload vs everything resident",
     "prompt_cache": "encoded-prompt cache",
     "train": "training steps/s from cache vs uncached",
+    "step_cache": "step caching (diffusers' hooks) vs uncached on the demo model",
 }
 
 

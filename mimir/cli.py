@@ -49,6 +49,16 @@ def _generate_parser(sub) -> None:
     p.add_argument("--slicing", action="store_true", help="VAE decodes one video of the batch at a time")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("-o", "--output", type=Path, default=Path("mimir.mp4"))
+    _speed_parser(p)
+
+
+def _speed_parser(p) -> None:
+    p.add_argument("--attention", default="native", metavar="BACKEND",
+                   help="the DiT's attention backend through diffusers' dispatcher: native (torch SDPA, default), "
+                        "flash, sage or xformers (each needs its package)")
+    p.add_argument("--step-cache", default=None, metavar="METHOD[:SETTING]",
+                   help="diffusers' step caching during denoising: fbc[:threshold], pab[:skip], faster[:skip], "
+                        "taylorseer[:interval] or mag[:threshold] (mag calibrates on its first run); off by default")
 
 
 def _check_args(args) -> None:
@@ -149,7 +159,23 @@ def _load(args, device, dtype, cached: bool = False):
         pipe.vae, _ = load_vae(args.vae, dtype=dtype, device=args.offload_device, scaling_factor=scaling)
     pipe.use_scheduler(args.scheduler)
     _memory_options(args, pipe, device)
+    _speed_options(args, pipe)
     return pipe, "demo" if folder == DEMO_MODEL_DIR else str(folder)
+
+
+def _check_speed_options(args) -> None:
+    """Fail on a bad --attention or --step-cache before any model is loaded."""
+    from .speed import StepCache, check_attention_backend
+
+    check_attention_backend(args.attention)
+    args.step_cache = None if args.step_cache is None else StepCache.parse(args.step_cache)
+
+
+def _speed_options(args, pipe) -> None:
+    from .speed import set_attention_backend
+
+    set_attention_backend(pipe.transformer, args.attention)
+    pipe.step_cache = args.step_cache
 
 
 def _model_folder(args):
@@ -222,6 +248,7 @@ def cmd_generate(args) -> int:
     _check_args(args)
     device, dtype = _resolve_device(args)
     start = time.perf_counter()
+    _check_speed_options(args)
     if args.guidance is None:
         args.guidance = DEMO_GUIDANCE if _model_folder(args) == DEMO_MODEL_DIR else 6.0
     guided = args.guidance > 1.0

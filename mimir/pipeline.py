@@ -7,6 +7,7 @@ order [B, T, C, H, W] and in diffusion space (VAE latents times the VAE scaling 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -23,6 +24,7 @@ from einops import rearrange
 from .fuser import FuserConfig
 from .offload import Placement, module_dtype
 from .prompt_cache import PromptCache, encode_features_cached
+from .speed import StepCache, step_caching
 from .text import LLMTextEncoder, TextFeatures, encode_t5
 from .variants import SCHEDULERS, T5_TEXT_LEN
 
@@ -114,6 +116,8 @@ class MimirPipeline:
         self.placement = placement or Placement()
         self.prompt_cache = prompt_cache  # a repeated prompt then runs neither T5 nor the LLM
         self._llm_encoder = None
+        self.step_cache: StepCache | None = None  # diffusers' step caching during denoise (speed.py)
+        self.current_timestep = None  # the step's timestep while denoising, as diffusers' pipelines have it
 
     # ---- text ------------------------------------------------------------------------------------------
     @property
@@ -206,6 +210,11 @@ class MimirPipeline:
         use_cfg = guidance > 1.0 and uncond is not None
         sides = [text_streams(uncond), text_streams(cond)] if use_cfg else [text_streams(cond)]
         _check_sides(sides)
+        if self.step_cache is not None and any(len(side) > 1 or (side[0].start, side[0].end) != (0.0, 1.0)
+                                               for side in sides):
+            # a cache compares each forward with the same forward a step before; streams that come and go
+            # change what a forward computes
+            raise ValueError("step caching needs one conditioning entry per side, active over all of sampling")
         with self.placement.stage(self.transformer) as device:
             dtype = module_dtype(self.transformer)
             sides = _on_device(sides, device, dtype)
@@ -223,8 +232,10 @@ class MimirPipeline:
             else:
                 x = self._noised_input(latents, noise, timesteps[:1], extra, device, dtype)
             rotary = self._rotary(height, width, x.shape[1], device)
-            x = self._loop(x, schedule, timesteps, guidance if use_cfg else None, dynamic_cfg, steps, rotary, generator,
-                           callback)
+            with step_caching(self.transformer, self.step_cache, lambda: self.current_timestep, len(timesteps),
+                              use_cfg):
+                x = self._loop(x, schedule, timesteps, guidance if use_cfg else None, dynamic_cfg, steps, rotary,
+                               generator, callback)
         return x[:, extra:]
 
     def _noised_input(self, latents, noise, first_t, extra, device, dtype):
@@ -254,13 +265,15 @@ class MimirPipeline:
     def _predictions(self, x, texts: list[torch.Tensor], t, rotary) -> list[torch.Tensor]:
         """The transformer's prediction for x under each text stream, two streams a forward: the batch guidance
         has always used, so one forward never needs more memory than a plain guided step."""
+        cached = getattr(self.transformer, "is_cache_enabled", False)  # cache hooks keep their state per context
         preds = []
         for k in range(0, len(texts), 2):
             chunk = texts[k:k + 2]
             model_in = self.scheduler.scale_model_input(torch.cat([x] * len(chunk)), t)
-            pred = self.transformer(hidden_states=model_in, encoder_hidden_states=torch.cat(chunk),
-                                    timestep=t.expand(model_in.shape[0]), image_rotary_emb=rotary,
-                                    return_dict=False)[0].float()
+            with self.transformer.cache_context(f"streams{k}") if cached else contextlib.nullcontext():
+                pred = self.transformer(hidden_states=model_in, encoder_hidden_states=torch.cat(chunk),
+                                        timestep=t.expand(model_in.shape[0]), image_rotary_emb=rotary,
+                                        return_dict=False)[0].float()
             preds += pred.chunk(len(chunk))
         return preds
 
@@ -279,6 +292,7 @@ class MimirPipeline:
         dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
         old_pred = None
         for i, t in enumerate(timesteps):
+            self.current_timestep = t
             preds = self._side_predictions(x, schedule[i], t, rotary)
             pred = preds[-1]
             if guidance is not None:
@@ -296,6 +310,7 @@ class MimirPipeline:
             x = x_next.to(x.dtype)
             if callback is not None:
                 callback(i + 1, len(timesteps), x)
+        self.current_timestep = None
         return x
 
     # ---- decoding ----------------------------------------------------------------------------------------

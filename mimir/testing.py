@@ -30,6 +30,7 @@ from transformers import (
 from .demo.tokenizers import word_tokenizer as demo_tokenizer
 from .demo.world import make_dataset, render
 from .fuser import FuserConfig, TokenFuser
+from .text import stack_encoded
 from .variants import SCHEDULER_SETTINGS, SCHEDULERS
 from .video import write_video
 
@@ -125,6 +126,35 @@ def tiny_train_components(variant: str = "2b", latent_gain: float = 3.0) -> dict
         conv.weight[half:] = 0.0
         conv.bias[half:] = -14.0
     return parts
+
+
+@torch.no_grad()
+def uncached_llm_features(encoder, prompts: list[str], seed: int | None = None):
+    """LLMTextEncoder(prompts) the straightforward way, as it was before its caches (issue 13): the answer
+    generated, then one forward over prompt + answer, then one padded forward over prompt + instruction per
+    instruction; every prompt, the empty one too, encoded anew. The reference the cached encoder is tested and
+    benchmarked against. -> (tokens [B, m, D], mask [B, m], instructions [B, K, D] or None)."""
+    llm, cfg = encoder.llm, encoder.config
+    layer, pad, device = cfg.llm_hidden_layer, encoder.tokenizer.pad_token_id or 0, encoder.device
+    encoded = []
+    for prompt in prompts:
+        query = encoder._ids(prompt)
+        context = encoder.prefix + query + encoder.suffix
+        answer = encoder._answer(context, seed, None)[0] if cfg.answer_tokens else []
+        hidden = llm(torch.tensor([context + answer], device=device), output_hidden_states=True,
+                     use_cache=False).hidden_states[layer][0]
+        start = len(encoder.prefix)
+        tokens = torch.cat([hidden[start:start + len(query)], hidden[len(context):]])
+        instructions = None
+        if cfg.stabilizer_tokens:
+            rows = [context + encoder._ids(text) for text in cfg.instructions]
+            longest = max(map(len, rows))
+            ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows], device=device)
+            states = llm(ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[layer]
+            instructions = states[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+        encoded.append((tokens, instructions))
+    return stack_encoded(encoded)
 
 
 def write_world_clips(folder, count: int, frames: int = 9, size: int = 32, seed: int = 0) -> list[tuple[Path, str]]:

@@ -3,7 +3,9 @@ instruction tokens that the token fuser merges in (spec section 2)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -130,6 +132,8 @@ class LLMTextEncoder:
                              f"({type(llm).__name__}) has hidden size {llm.config.hidden_size}")
         config.check_llm_depth(llm.config.num_hidden_layers)
         self.prefix, self.suffix = chat_template_parts(tokenizer)
+        # the KV-cache argument is `cache` in transformers >= 5 and `past_key_values` before
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
     def _ids(self, text: str) -> list[int]:
         return text_ids(self.tokenizer, text)
@@ -138,11 +142,14 @@ class LLMTextEncoder:
     def device(self):
         return self.llm.device
 
-    def _hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.llm(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        return out.hidden_states[self.config.llm_hidden_layer]
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache=None):
+        """-> (hidden states of the chosen layer, the KV cache now also holding `ids`)."""
+        out = self.llm(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=True,
+                       **{self._cache_kwarg: cache})
+        return out.hidden_states[self.config.llm_hidden_layer], _output_cache(out)
 
-    def _answer(self, ids: list[int], seed: int | None, callback: TokenCallback | None) -> list[int]:
+    def _answer(self, ids: list[int], seed: int | None, callback: TokenCallback | None):
+        """-> (answer token ids, generate()'s output with its hidden states and KV cache)."""
         cfg = self.config
         if cfg.answer_sampling and seed is None:
             raise ValueError("answer_sampling is on: give an explicit seed so the answer tokens are reproducible")
@@ -155,10 +162,11 @@ class LLMTextEncoder:
             out = self.llm.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=cfg.answer_tokens,
                                     min_new_tokens=0, do_sample=cfg.answer_sampling, top_k=None, top_p=None,
                                     temperature=None, stopping_criteria=criteria,
-                                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        answer = out[0, len(ids):].tolist()
+                                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                                    output_hidden_states=True, return_dict_in_generate=True)
+        answer = out.sequences[0, len(ids):].tolist()
         ends = [i for i, token in enumerate(answer) if token in self._end_ids()]
-        return answer[:ends[0]] if ends else answer
+        return (answer[:ends[0]] if ends else answer), out
 
     def _end_ids(self) -> set[int]:
         """Every id generation stops at: the generation config's (Phi-3.5: <|end|> 32007, 32001, 32000) and the
@@ -169,36 +177,99 @@ class LLMTextEncoder:
 
     @torch.no_grad()
     def encode_one(self, prompt: str, seed: int | None = None, callback: TokenCallback | None = None):
-        """-> (tokens [m, D], instruction tokens [K, D] or None) for one prompt."""
+        """-> (tokens [m, D], instruction tokens [K, D] or None) for one prompt. The usual empty negative prompt
+        is encoded once per loaded LLM and encoder settings (answers greedy), then reused."""
+        if prompt == "" and not self.config.answer_sampling:
+            return _empty_prompt_features(self, callback)
+        return self._encode_one(prompt, seed, callback)
+
+    def _encode_one(self, prompt: str, seed: int | None, callback: TokenCallback | None):
         cfg = self.config
         query = self._ids(prompt)
         context = self.prefix + query + self.suffix
-        answer = self._answer(context, seed, callback) if cfg.answer_tokens else []
+        hidden, answer, cache = self._context_states(context, seed, callback)
         if len(query) + len(answer) > cfg.text_len:
             logger.warning("LLM query + answer tokens (%d) exceed text_len %d: the rest is cut",
                            len(query) + len(answer), cfg.text_len)
-        ids = torch.tensor([context + answer], device=self.device)
-        hidden = self._hidden(ids, torch.ones_like(ids))[0]
         start = len(self.prefix)
         tokens = torch.cat([hidden[start:start + len(query)], hidden[len(context):]])
-        instructions = self._instructions(context) if cfg.stabilizer_tokens else None
+        instructions = self._instructions(context, hidden[len(context) - 1], cache) if cfg.stabilizer_tokens else None
         return tokens, instructions
 
-    def _instructions(self, context: list[int]) -> torch.Tensor:
-        rows = [context + self._ids(text) for text in self.config.instructions]
+    def _context_states(self, context: list[int], seed, callback):
+        """-> (hidden states [len(context) + len(answer), D], answer ids, KV cache of the context alone).
+        Generation already read the context in one forward: its states and KV cache are kept, and only the
+        answer tokens are read again, in one forward over that cache, instead of a second forward over prompt +
+        answer. (The states generation computed token by token for the answer are not used: one-row matmuls
+        round differently, and on the CPU their last bits even changed with where the weights sit in memory.)"""
+        if not self.config.answer_tokens:
+            ids = torch.tensor([context], device=self.device)
+            hidden, cache = self._forward(ids, torch.ones_like(ids))
+            return hidden[0], [], cache
+        answer, out = self._answer(context, seed, callback)
+        hidden, cache = out.hidden_states[0][self.config.llm_hidden_layer][0], _output_cache(out)
+        _crop(cache, len(context))
+        if answer:
+            ids = torch.tensor([answer], device=self.device)
+            more, cache = self._forward(ids, torch.ones(1, len(context) + len(answer), dtype=torch.long,
+                                                        device=self.device), cache)
+            hidden = torch.cat([hidden, more[0]])
+            _crop(cache, len(context))
+        return hidden, answer, cache
+
+    def _instructions(self, context: list[int], context_last: torch.Tensor, cache) -> torch.Tensor:
+        """Each instruction row reads the context from its KV cache (computed once) and then the instruction;
+        its token is the state at the row's last position (the context's last one for an empty instruction)."""
+        rows = [self._ids(text) for text in self.config.instructions]
+        states = context_last.expand(len(rows), 1, -1)
         longest = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=self.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows], device=self.device)
-        hidden = self._hidden(ids, mask)
-        last = torch.tensor([len(r) - 1 for r in rows], device=self.device)
-        return hidden[torch.arange(len(rows), device=self.device), last]
+        if longest:
+            pad = self.tokenizer.pad_token_id or 0
+            ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], device=self.device)
+            mask = torch.tensor([[1] * (len(context) + len(r)) + [0] * (longest - len(r)) for r in rows],
+                                device=self.device)
+            cache.batch_repeat_interleave(len(rows))
+            states = torch.cat([states, self._forward(ids, mask, cache)[0]], dim=1)
+        return states[torch.arange(len(rows), device=self.device), torch.tensor([len(r) for r in rows])]
 
     def __call__(self, prompts: list[str], seed: int | None = None, callback: TokenCallback | None = None):
         """-> (tokens [B, m, D], mask [B, m], instructions [B, K, D] or None); batch padded with mask 0."""
-        encoded = [self.encode_one(p, seed, callback) for p in prompts]
-        longest = max(1, max(t.shape[0] for t, _ in encoded))
-        tokens = torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[0])) for t, _ in encoded])
-        mask = torch.stack([(torch.arange(longest, device=t.device) < t.shape[0]).long() for t, _ in encoded])
-        instructions = torch.stack([i for _, i in encoded]) if self.config.stabilizer_tokens else None
-        return tokens, mask, instructions
+        return stack_encoded([self.encode_one(p, seed, callback) for p in prompts])
+
+
+def stack_encoded(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """[(tokens [m_i, D], instructions [K, D] or None)] -> (tokens [B, m, D], mask [B, m], instructions or None)."""
+    longest = max(1, max(t.shape[0] for t, _ in encoded))
+    tokens = torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[0])) for t, _ in encoded])
+    mask = torch.stack([(torch.arange(longest, device=t.device) < t.shape[0]).long() for t, _ in encoded])
+    instructions = torch.stack([i for _, i in encoded]) if encoded[0][1] is not None else None
+    return tokens, mask, instructions
+
+
+def _crop(cache, length: int) -> None:
+    """Keep the first `length` positions of a KV cache; a negative count removes that many (transformers 4 and 5)."""
+    if cache.get_seq_length() > length:
+        cache.crop(length - cache.get_seq_length())
+
+
+def _output_cache(output):
+    """The KV cache of a model or generate() output: `cache` in transformers >= 5, `past_key_values` before."""
+    return output["cache"] if "cache" in output.keys() else output["past_key_values"]
+
+
+# LLM -> {inputs and settings: features of the empty prompt}; weak, so it goes when the LLM is released
+_EMPTY_PROMPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _empty_prompt_features(encoder: LLMTextEncoder, callback: TokenCallback | None):
+    """encode_one("") computed once per LLM: CFG's usual negative prompt costs one generation per loaded model,
+    not one per video. Keyed by everything the result depends on (token ids in, generation settings, dtype,
+    device), so another tokenizer or config encodes anew. The LLM is frozen: its weights never change."""
+    cfg = encoder.config
+    key = (tuple(encoder.prefix + encoder.suffix), tuple(tuple(encoder._ids(t)) for t in cfg.instructions),
+           cfg.answer_tokens, cfg.llm_hidden_layer, encoder.tokenizer.pad_token_id, encoder.tokenizer.eos_token_id,
+           str(encoder.llm.dtype), str(encoder.device))
+    memo = _EMPTY_PROMPT.setdefault(encoder.llm, {})
+    if key not in memo:
+        memo[key] = encoder._encode_one("", None, callback)
+    return memo[key]

@@ -27,6 +27,7 @@ from ..mimir.components import (
 from ..mimir.loading import DEMO_MODEL_DIR
 from ..mimir.memory import MemoryOptions, apply_memory_options
 from ..mimir.prompt_cache import files_identity
+from ..mimir.speed import ATTENTION_BACKENDS, check_attention_backend, set_attention_backend
 from ..mimir.variants import FUSER_FILE, SNR_SHIFT_SCALE
 from . import comfy_services as services
 
@@ -229,6 +230,11 @@ class MimirModelLoader:
                 "default": 0, "min": 0, "max": 64,
                 "tooltip": "Keep this many of the last transformer blocks in CPU memory and copy each to the GPU "
                            "just for its step (slower, less GPU memory). 0 keeps the whole model together."}),
+        }, "optional": {
+            "attention": (list(ATTENTION_BACKENDS), {
+                "default": "native",
+                "tooltip": "Attention backend (diffusers' dispatcher): native is PyTorch SDPA; flash, sage and "
+                           "xformers need flash-attn, sageattention or xformers installed (usually GPU only)."}),
         }}
 
     RETURN_TYPES = ("MIMIR_MODEL",)
@@ -238,7 +244,11 @@ class MimirModelLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the CogVideoX video transformer (DiT) that the Mimir Sampler runs."
 
-    def load(self, model_name, dtype, blocks_to_swap):
+    def load(self, model_name, dtype, blocks_to_swap, attention="native"):
+        try:
+            check_attention_backend(attention)  # before the weights are read
+        except ValueError as exc:
+            raise ValueError(f"attention: {exc}") from exc
         path = _resolve("diffusion_models", model_name, "model_name", "transformer")
         fp8 = _dtype(dtype) == "fp8_e4m3fn"
         transformer, info = load_transformer(path, dtype="bf16" if fp8 else _dtype(dtype),
@@ -250,6 +260,7 @@ class MimirModelLoader:
                              services.compute_device(), services.offload_device())
         if fp8:
             info = dataclasses.replace(info, dtype="float8_e4m3fn")
+        set_attention_backend(transformer, attention)
         if info.vae_scaling_factor is None:
             raise ValueError(f"model_name: {model_name} is a custom CogVideoX variant whose VAE scaling factor is "
                              f"unknown; save it with mimir's save_single_file(..., vae_scaling_factor=...) or as a "

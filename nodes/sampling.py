@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from ..mimir.pipeline import VAE_SPATIAL, VAE_TEMPORAL, MimirPipeline, TextStream, check_video_size
+from ..mimir.speed import STEP_CACHES, StepCache
 from ..mimir.variants import SCHEDULERS
 from . import comfy_services as services
 
@@ -94,6 +95,15 @@ def _queue_time_video_check(node, frames, height, width) -> bool | str:
     return True
 
 
+def _step_cache(method: str, setting: float) -> StepCache | None:
+    if method == "off":
+        return None
+    try:
+        return StepCache(method, setting or None)
+    except ValueError as exc:
+        raise ValueError(f"step_cache: {exc}") from exc
+
+
 class MimirSampler:
     @classmethod
     def INPUT_TYPES(cls):
@@ -128,6 +138,17 @@ class MimirSampler:
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Optional video latent to start from (video-to-video), e.g. from "
                                                  "Mimir VAE Encode; its size must match width, height and frames."}),
+                "step_cache": (["off", *STEP_CACHES], {
+                    "default": "off",
+                    "tooltip": "Reuse work of earlier steps (diffusers' cache hooks): faster, slightly different "
+                               "video. fbc: first-block cache; pab: pyramid attention broadcast; faster: FasterCache; "
+                               "taylorseer: TaylorSeer; mag: MagCache (its first run calibrates and is not faster). "
+                               "The README's table measures each."}),
+                "step_cache_setting": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                    "tooltip": "The method's main setting; 0 uses its default. fbc and mag: threshold (larger "
+                               "skips more, defaults 0.05 and 0.06); pab and faster: recompute every N-th step "
+                               "(default 2); taylorseer: full step every N steps (default 5)."}),
             },
         }
 
@@ -143,7 +164,7 @@ class MimirSampler:
     DESCRIPTION = "Generates a video latent with the CogVideoX transformer from Mimir (or plain T5) conditioning."
 
     def sample(self, model, positive, negative, width, height, frames, steps, cfg, seed, scheduler, dynamic_cfg,
-               denoise, latent=None):
+               denoise, latent=None, step_cache="off", step_cache_setting=0.0):
         check_video_size(frames, height, width)  # its messages name frames / height / width
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler: must be one of {list(SCHEDULERS)}, got {scheduler!r}")
@@ -154,6 +175,7 @@ class MimirSampler:
             cond, uncond = _batched(cond, init.shape[0]), _batched(uncond, init.shape[0])
         pipe = MimirPipeline(model.transformer, None, model.scheduler, placement=services.placement())
         pipe.use_scheduler(scheduler)
+        pipe.step_cache = _step_cache(step_cache, step_cache_setting)
         bar = services.progress_bar(steps)
 
         def on_step(done, total, _latents):

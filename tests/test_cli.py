@@ -211,3 +211,33 @@ def test_memory_flags(model_dir, tmp_path, capsys):
     assert read_video(tmp_path / "fp8.webp").shape == read_video(tmp_path / "plain.webp").shape
     code, _, err = run(capsys, *common, "--blocks-to-swap", 9, "-o", tmp_path / "x.webp")
     assert code == 2 and "blocks_to_swap must be in 0..2" in err
+
+
+def test_attention_and_step_cache_flags_reach_the_pipeline(model_dir, tmp_path, capsys, monkeypatch):
+    import mimir.loading
+    from mimir.speed import StepCache
+
+    loaded = []
+    load = mimir.loading.load_pipeline
+    monkeypatch.setattr(mimir.loading, "load_pipeline", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    code, _, err = run(capsys, "generate", "a red circle", "--model", model_dir, "--steps", 2, "--attention", "native",
+                       "--step-cache", "fbc:0.2", "-o", tmp_path / "v.mp4")
+    assert code == 0, err
+    (pipe,) = loaded
+    assert pipe.step_cache == StepCache("fbc", 0.2)
+    assert {b.attn1.processor._attention_backend for b in pipe.transformer.transformer_blocks} == {"native"}
+
+
+@pytest.mark.parametrize("flags,message", [(["--attention", "sage"], "sageattention"),
+                                           (["--attention", "sdpa"], "must be one of"),
+                                           (["--step-cache", "teacache"], "step cache must be one of")])
+def test_bad_speed_flags_fail_before_any_model_loads(model_dir, tmp_path, capsys, monkeypatch, flags, message):
+    import importlib.util
+
+    import mimir.loading
+
+    if flags[1] == "sage" and importlib.util.find_spec("sageattention") is not None:
+        pytest.skip("sageattention is installed here")
+    monkeypatch.setattr(mimir.loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, _, err = run(capsys, "generate", "a red circle", "--model", model_dir, *flags, "-o", tmp_path / "v.mp4")
+    assert code == 2 and message in err and not (tmp_path / "v.mp4").exists()

@@ -5,6 +5,7 @@ loading, type conversions (CONDITIONING, LATENT order and scaling, IMAGE) and no
 """
 
 import dataclasses
+import importlib.util
 import inspect
 
 import pytest
@@ -15,6 +16,7 @@ from torch import nn
 from mimir.fuser import save_fuser
 from mimir.loading import save_pipeline, save_single_file
 from mimir.pipeline import MimirPipeline, TextStream
+from mimir.speed import StepCache
 from mimir.testing import real_scheduler, tiny_components
 from mimir.text import LLMTextEncoder, encode_t5
 
@@ -121,7 +123,7 @@ WIDGETS = {
     "MimirT5Loader": ["t5_name", "dtype"],
     "MimirLLMLoader": ["llm_name", "dtype", "trust_remote_code"],
     "MimirFuserLoader": ["fuser_name"],
-    "MimirModelLoader": ["model_name", "dtype", "blocks_to_swap"],
+    "MimirModelLoader": ["model_name", "dtype", "blocks_to_swap", "attention"],
     "MimirVAELoader": ["vae_name", "dtype"],
     "MimirTextEncode": ["t5", "llm", "fuser", "prompt", "answer_tokens", "instructions", "answer_seed",
                         "prompt_cache"],
@@ -129,7 +131,7 @@ WIDGETS = {
     "MimirSaveEncodedPrompt": ["features", "name"],
     "MimirLoadEncodedPrompt": ["fuser", "encoded_prompt"],
     "MimirSampler": ["model", "positive", "negative", "width", "height", "frames", "steps", "cfg", "seed", "scheduler",
-                     "dynamic_cfg", "denoise", "latent"],
+                     "dynamic_cfg", "denoise", "latent", "step_cache", "step_cache_setting"],
     "MimirDecode": ["vae", "samples", "tiling"],
     "MimirVAEEncode": ["vae", "images"],
 }
@@ -319,6 +321,28 @@ def test_sampler_and_decoder_match_the_pipeline(nodes, tiny):
     images = run(nodes, "MimirDecode", vae=m["vae"], samples=latent, tiling=True)[0]
     assert images.shape == (9, 32, 32, 3) and images.min() >= 0 and images.max() <= 1
     assert (images - pipe.decode(expected)[0]).abs().max() <= 1e-5  # the tiny VAE's tiles do not fit: whole
+
+
+def test_model_loader_attention_and_sampler_step_cache(nodes, tiny, pack, monkeypatch):
+    _, c, _ = tiny
+    m = load_all(nodes)
+    assert {b.attn1.processor._attention_backend for b in m["model"].transformer.transformer_blocks} == {"native"}
+    pos, neg = encode(nodes, m)[0], encode(nodes, m, prompt="")[0]
+    off = sample(nodes, m["model"], pos, neg, steps=8)
+    cached = sample(nodes, m["model"], pos, neg, steps=8, step_cache="taylorseer", step_cache_setting=2.0)
+    pipe = MimirPipeline(**c)
+    pipe.step_cache = StepCache("taylorseer", 2)
+    expected = pipe(PROMPT, "", num_frames=9, height=32, width=32, steps=8, guidance=6.0, seed=3, output_type="latent")
+    assert not torch.equal(cached["samples"], off["samples"])
+    assert (to_diffusion(cached) - expected).abs().max() <= 1e-5
+    assert torch.equal(sample(nodes, m["model"], pos, neg, steps=8)["samples"], off["samples"])  # hooks removed
+    with pytest.raises(ValueError, match="^step_cache: .*teacache"):
+        sample(nodes, m["model"], pos, neg, step_cache="teacache")
+    if importlib.util.find_spec("sageattention") is None:
+        monkeypatch.setattr(pack.nodes.loaders, "load_transformer", lambda *a, **k: pytest.fail("weights were read"))
+        with pytest.raises(ValueError, match="^attention: .*sageattention"):
+            run(nodes, "MimirModelLoader", model_name="tiny_5b.safetensors", dtype="auto", blocks_to_swap=0,
+                attention="sage")
 
 
 def test_decoder_tiles_when_the_tiles_fit(nodes, tiny):

@@ -6,7 +6,7 @@ from diffusers import CogVideoXPipeline
 
 from mimir.fuser import FuserConfig
 from mimir.pipeline import MimirPipeline
-from mimir.testing import tiny_components, tiny_llm, word_tokenizer
+from mimir.testing import tiny_components, tiny_llm, uncached_llm_features, word_tokenizer
 from mimir.text import LLMTextEncoder, TextFeatures, encode_t5
 
 PROMPT = "a red circle moves to the left"
@@ -62,7 +62,7 @@ def test_answer_tokens_are_greedy_continuation_and_hidden_layer_is_selectable():
     context = enc.prefix + enc._ids(PROMPT) + enc.suffix
     with torch.no_grad():
         greedy = llm.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False)[0, len(context):].tolist()
-    answer = enc._answer(context, None, None)
+    answer = enc._answer(context, None, None)[0]
     assert answer == [t for t in greedy if t != tok.eos_token_id][: len(answer)] and len(answer) > 0
     tokens, _ = enc.encode_one(PROMPT)
     with torch.no_grad():
@@ -78,10 +78,10 @@ def test_answer_is_cut_at_every_end_id_of_the_generation_config():
     llm = tiny_llm(tok)
     enc = LLMTextEncoder(llm, tok, llm_config(llm, answer_tokens=4, stabilizer_tokens=0, instructions=()))
     context = enc.prefix + enc._ids(PROMPT) + enc.suffix
-    free = enc._answer(context, None, None)
+    free = enc._answer(context, None, None)[0]
     assert len(free) >= 2 and tok.eos_token_id not in free[:2]
     llm.generation_config.eos_token_id = [free[1], tok.eos_token_id]  # as Phi-3.5's list of end ids
-    assert enc._answer(context, None, None) == free[:1]
+    assert enc._answer(context, None, None)[0] == free[:1]
 
 
 def test_sampled_answers_need_a_seed_and_are_reproducible():
@@ -108,6 +108,61 @@ def test_instruction_tokens_batched_equal_one_by_one():
         with torch.no_grad():
             last = llm(ids, output_hidden_states=True).hidden_states[-1][0, -1]
         torch.testing.assert_close(instructions[k], last, atol=1e-5, rtol=1e-5)
+
+
+def assert_matches_reference(encoder, prompts):
+    """The cached encode (generation states, the context's KV cache, the empty-prompt memo) against the
+    uncached reference: same masks, features within 1e-6 (fp32)."""
+    tokens, mask, instructions = encoder(prompts)
+    ref_tokens, ref_mask, ref_instructions = uncached_llm_features(encoder, prompts)
+    assert torch.equal(mask, ref_mask)
+    assert (tokens - ref_tokens).abs().max() <= 1e-6
+    if ref_instructions is not None:
+        assert instructions.shape == ref_instructions.shape
+        assert (instructions - ref_instructions).abs().max() <= 1e-6
+    return mask
+
+
+@pytest.mark.parametrize("arch", ["phi3", "llama"])
+@pytest.mark.parametrize("answer_tokens", [0, 3])
+def test_cached_encode_matches_the_uncached_reference(arch, answer_tokens):
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok, arch=arch)
+    enc = LLMTextEncoder(llm, tok, llm_config(llm, answer_tokens=answer_tokens))
+    mask = assert_matches_reference(enc, ["", PROMPT, "two blue squares"])
+    # no EOS in these greedy answers: every answer token is fused
+    assert mask[1].sum() == len(enc._ids(PROMPT)) + answer_tokens
+
+
+def test_answer_cut_at_eos_matches_the_reference():
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok)
+    enc = LLMTextEncoder(llm, tok, llm_config(llm, answer_tokens=6))
+    context = enc.prefix + enc._ids(PROMPT) + enc.suffix
+    greedy = enc._answer(context, None, None)[0]
+    tok.eos_token = tok.convert_ids_to_tokens(greedy[2])  # the model now ends its answer there
+    llm.generation_config.eos_token_id = tok.eos_token_id
+    answer, out = enc._answer(context, None, None)
+    assert answer == greedy[:greedy.index(greedy[2])] and out.sequences.shape[1] > len(context) + len(answer)
+    mask = assert_matches_reference(enc, [PROMPT])
+    assert mask.sum() == len(enc._ids(PROMPT)) + len(answer)
+
+
+def test_empty_prompt_is_encoded_once_per_llm_and_settings(monkeypatch):
+    tok = word_tokenizer(kind="llm")
+    llm = tiny_llm(tok)
+    generations = []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda *a, **kw: generations.append(1) or generate(*a, **kw))
+    first = LLMTextEncoder(llm, tok, llm_config(llm))([""])
+    again = LLMTextEncoder(llm, tok, llm_config(llm))([""])  # a new encoder (a new pipeline) over the same LLM
+    assert len(generations) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    LLMTextEncoder(llm, tok, llm_config(llm, answer_tokens=2))([""])  # other settings: encoded anew
+    sampled = LLMTextEncoder(llm, tok, llm_config(llm, answer_sampling=True))
+    sampled([""], seed=1)
+    sampled([""], seed=1)  # sampled answers depend on the seed: never reused
+    assert len(generations) == 4
+    assert_matches_reference(LLMTextEncoder(llm, tok, llm_config(llm)), [""])
 
 
 def test_batch_masks_and_feature_round_trip(tmp_path):
