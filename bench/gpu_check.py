@@ -4,10 +4,10 @@
     python bench/gpu_check.py --smoke   # the same code on the CPU at test size, fp32 (the test suite runs it)
 
 Models, random weights in the published layouts (no download), 2 layers each where they have layers:
-- CogVideoX-5B, -2B and 1.5-5B transformers: mimir.loading.TRANSFORMER_CONFIGS (THUDM/CogVideoX-2b and -5b
+- CogVideoX-5B, -2B and 1.5-5B transformers: mimir.variants.TRANSFORMER_CONFIGS (THUDM/CogVideoX-2b and -5b
   transformer/config.json; CogVideoX1.5-5B from diffusers' scripts/convert_cogvideox_to_diffusers.py), with
   num_layers 2. The 2B's sin-cos positions are laid out for 226 + 4 text tokens by the pipeline.
-- the CogVideoX VAE, whole: mimir.loading.VAE_CONFIG (THUDM/CogVideoX-5b vae/config.json).
+- the CogVideoX VAE, whole: mimir.variants.VAE_CONFIG (THUDM/CogVideoX-5b vae/config.json).
 - T5 v1.1 XXL encoder (google/t5-v1_1-xxl config.json: d_model 4096, 64 heads x 64, d_ff 10240, gated-gelu,
   vocab 32128) and Phi-3.5-mini-instruct (microsoft/Phi-3.5-mini-instruct config.json: hidden 3072, 32 heads,
   intermediate 8192, vocab 32064, longrope with original 4096 / max 131072 positions; its 48 long / short rope

@@ -2,7 +2,8 @@
 
 One safetensors file per prompt (mimir.text.TextFeatures) in a folder (default ~/.cache/mimir/prompts, or
 $MIMIR_PROMPT_CACHE). The file name is a hash of everything that changes the features: the prompt, the T5
-and LLM identities (model_identity), and the fuser config's encoding fields (text_len, instructions,
+and LLM identities (files_identity of their files and compute dtype, as the CLI and the nodes key; a pipeline
+of models built in memory keys on model_identity's weight fingerprint), and the fuser config's encoding fields (text_len, instructions,
 answer_tokens, answer_sampling, llm_hidden_layer) plus the seed when answers are sampled. The fuser's
 weights are not part of the key: fusing runs after the cache, so a retrained fuser reuses the features.
 """
@@ -21,10 +22,10 @@ from safetensors import safe_open
 
 from .fuser import FuserConfig
 from .text import TextFeatures
-from .weights import resolve_dtype
+from .weights import read_file, read_folder, resolve_dtype
 
 logger = logging.getLogger(__name__)
-FORMAT = "mimir-prompt-cache-1"  # bump when the encoding code changes what it produces
+FORMAT = "mimir-prompt-cache-2"  # bump when the encoding code changes what it produces
 FINGERPRINT_VALUES = 64  # weight values sampled per tensor for the identity of a loaded model
 
 
@@ -50,10 +51,15 @@ def model_identity(model) -> str:
 
 
 def files_identity(paths, dtype) -> str:
-    """The identity of a text model from its files and the dtype it computes in (None: as stored), nothing
-    loaded: what the CLI and the nodes key on, so that both find the same entries."""
-    dtype = "stored" if dtype is None else str(resolve_dtype(dtype)).removeprefix("torch.")
-    return "+".join(model_identity(Path(p)) for p in paths) + f":{dtype}"
+    """The identity of a text model from its files (the first holds the weights) and the dtype it computes in
+    (None: the dtype stored in the weights, read from their headers), nothing loaded: what the CLI and the nodes
+    key on, so that both find the same entries."""
+    dtype = resolve_dtype(dtype) or _stored_dtype(Path(paths[0]))
+    return "+".join(model_identity(Path(p)) for p in paths) + ":" + str(dtype).removeprefix("torch.")
+
+
+def _stored_dtype(path: Path) -> torch.dtype:
+    return (read_file(path) if path.is_file() else read_folder(path)).stored_dtype()
 
 
 def _tokenizer_rules(tokenizer) -> str:

@@ -130,6 +130,10 @@ class StepCache:
         if self.value is not None and not self.value > 0:
             raise ValueError(f"step cache {self.method}: its {STEP_CACHES[self.method][0]} must be > 0, "
                              f"got {self.value}")
+        if self.value is not None and self.method in ("pab", "faster", "taylorseer") and \
+                (self.value != round(self.value) or self.value < 1):
+            raise ValueError(f"step cache {self.method}: its {STEP_CACHES[self.method][0]} is a whole number of "
+                             f"steps >= 1, got {self.value}")
 
     @classmethod
     def parse(cls, text: str) -> StepCache:

@@ -267,7 +267,7 @@ def _empty_prompt_features(encoder: LLMTextEncoder, callback: TokenCallback | No
     device), so another tokenizer or config encodes anew. The LLM is frozen: its weights never change."""
     cfg = encoder.config
     key = (tuple(encoder.prefix + encoder.suffix), tuple(tuple(encoder._ids(t)) for t in cfg.instructions),
-           cfg.answer_tokens, cfg.llm_hidden_layer, encoder.tokenizer.pad_token_id, encoder.tokenizer.eos_token_id,
+           cfg.answer_tokens, cfg.llm_hidden_layer, encoder.tokenizer.pad_token_id, tuple(sorted(encoder._end_ids())),
            str(encoder.llm.dtype), str(encoder.device))
     memo = _EMPTY_PROMPT.setdefault(encoder.llm, {})
     if key not in memo:

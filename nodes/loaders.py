@@ -253,9 +253,6 @@ class MimirModelLoader:
         fp8 = _dtype(dtype) == "fp8_e4m3fn"
         transformer, info = load_transformer(path, dtype="bf16" if fp8 else _dtype(dtype),
                                              device=services.offload_device())
-        if blocks_to_swap > info.dims["num_layers"]:
-            raise ValueError(f"blocks_to_swap: {blocks_to_swap} is more than the model's "
-                             f"{info.dims['num_layers']} blocks")
         apply_memory_options(transformer, MemoryOptions(fp8=fp8, blocks_to_swap=blocks_to_swap),
                              services.compute_device(), services.offload_device())
         if fp8:

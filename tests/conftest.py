@@ -47,6 +47,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(world_clips, tiny_run, tmp_path_factory) -> Path:
+    """A feature cache of 4 demo-world clips made with tiny_train_components, one per test module (a run may add
+    its validation prompts to it)."""
+    from mimir.testing import tiny_train_components
+    from mimir.train import TrainConfig, build_cache
+
+    folder = tmp_path_factory.mktemp("tiny-cache") / "cache"
+    build_cache(TrainConfig(data=str(world_clips(4)), cache=str(folder), **tiny_run), tiny_train_components(),
+                progress=False)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def world_clips(tmp_path_factory):
     """world_clips(count) -> a folder of `count` demo-world clips (9 frames, 16 x 16) with same-name .txt

@@ -45,7 +45,9 @@ def test_a_backend_without_its_package_is_refused_with_the_package_named(backend
 def test_step_cache_settings_are_parsed_and_checked():
     assert StepCache.parse("fbc:0.2") == StepCache("fbc", 0.2) and StepCache.parse("pab").setting == 2
     assert str(StepCache.parse("taylorseer:3")) == "taylorseer (interval 3)"
-    for bad, message in [("teacache", "must be one of"), ("fbc:-1", "must be > 0"), ("pab:x", "pab:x")]:
+    for bad, message in [("teacache", "must be one of"), ("fbc:-1", "must be > 0"), ("pab:x", "pab:x"),
+                         ("pab:0.4", "whole number of steps >= 1, got 0.4"),  # round() gave 0: a modulo by zero
+                         ("taylorseer:2.5", "whole number of steps >= 1")]:
         with pytest.raises(ValueError, match=message):
             StepCache.parse(bad)
 

@@ -7,7 +7,7 @@ import torch
 
 from mimir.testing import tiny_train_components
 from mimir.train import TrainConfig, build_cache, main_cache, train
-from mimir.train.cache import CachedDataset, describe_cache, shard_name
+from mimir.train.cache import CachedDataset, cached_prompts, describe_cache, shard_name
 from mimir.train.loop import sample_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,3 +68,20 @@ def test_cache_refuses_other_settings(world_clips, tiny_run, tmp_path):
     with pytest.raises(ValueError, match="num_frames: cache has 9, this run 17"):
         train(TrainConfig(**{**other.to_dict(), "output_dir": str(tmp_path / "run")}), tiny_train_components(),
               progress=False)
+
+
+def test_validation_prompts_are_not_added_to_a_cache_from_other_encoders(world_clips, tiny_model_dir, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    from mimir.train import main_train
+
+    cache = tmp_path / "cache"
+    common = [f"data={world_clips(2)}", f"cache={cache}", "device=cpu", "num_frames=9", "height=16", "width=16",
+              "validation_prompts=[a red square moves up]", "num_workers=0", "tensorboard=false"]
+    assert main_cache([f"model={tiny_model_dir}", *common]) == 0
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other-model")  # same weights, other files
+    code = main_train([f"model={other}", *common[1:], "validation_prompts=[a new prompt]", "validate_every=1",
+                       "max_steps=1", f"output_dir={tmp_path / 'run'}", "export=false"])
+    assert code == 2 and "was built from other encoder files" in capsys.readouterr().err
+    assert cached_prompts(cache) == ["a red square moves up"]  # nothing was added

@@ -34,27 +34,19 @@ RUN = dict(batch_size=2, grad_accum=2, max_steps=6, lr=1e-3, lr_schedule="cosine
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
 
 
-@pytest.fixture(scope="module")
-def cache(world_clips, tiny_run, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("train_faults") / "cache"
-    build_cache(TrainConfig(data=str(world_clips(4)), cache=str(folder), **tiny_run), tiny_train_components(),
-                progress=False)
-    return folder
-
-
 @pytest.fixture
-def values(cache, tiny_run):
+def values(tiny_cache, tiny_run):
     """values(run_dir, **changes) -> TrainConfig fields of the reference run, in `run_dir`."""
-    return lambda run, **changes: {**tiny_run, **RUN, "cache": str(cache), "output_dir": str(run), **changes}
+    return lambda run, **changes: {**tiny_run, **RUN, "cache": str(tiny_cache), "output_dir": str(run), **changes}
 
 
 @pytest.fixture(scope="module")
-def reference(cache, tiny_run, tmp_path_factory):
+def reference(tiny_cache, tiny_run, tmp_path_factory):
     """The uninterrupted reference run's folder, on one thread like the tests (one_thread) and the killed
     children: the float results depend on the thread count."""
     run, threads = tmp_path_factory.mktemp("reference") / "run", torch.get_num_threads()
     torch.set_num_threads(1)
-    train(TrainConfig(**{**tiny_run, **RUN, "cache": str(cache), "output_dir": str(run)}), tiny_train_components(),
+    train(TrainConfig(**{**tiny_run, **RUN, "cache": str(tiny_cache), "output_dir": str(run)}), tiny_train_components(),
           progress=False)
     torch.set_num_threads(threads)
     return run

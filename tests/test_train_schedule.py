@@ -9,24 +9,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mimir.testing import tiny_train_components
-from mimir.train import TrainConfig, build_cache, train
+from mimir.train import TrainConfig, train
 from mimir.train.checkpoint import WEIGHTS, checkpoint_name
 from mimir.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def cache(world_clips, tiny_run, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("schedule") / "cache"
-    build_cache(TrainConfig(data=str(world_clips(4)), cache=str(folder), **tiny_run), tiny_train_components(),
-                progress=False)
-    return folder
-
-
 @pytest.fixture
-def values(cache, tiny_run) -> dict:
-    return dict(cache=str(cache), batch_size=2, weight_decay=0.0, text_dropout=0.0, checkpoint_every=1, lr=1e-3,
+def values(tiny_cache, tiny_run) -> dict:
+    return dict(cache=str(tiny_cache), batch_size=2, weight_decay=0.0, text_dropout=0.0, checkpoint_every=1, lr=1e-3,
                 fuser_lr=2e-3, **tiny_run)
 
 

@@ -282,6 +282,15 @@ def add_prompts(pipe, folder: Path, prompts: list[str], seed: int) -> None:
     save_rows(rows, Path(folder) / PROMPTS, {"prompts": json.dumps(have + missing)})
 
 
+def check_same_encoders(config: TrainConfig, folder) -> None:
+    """Prompts added to a cache must come from the encoder files its other features came from."""
+    recorded, now = read_meta(folder)["encoder_files"], encoder_files(config)
+    if recorded != now:
+        raise ValueError(f"the cache {folder} was built from other encoder files than this run's model/llm "
+                         f"({describe_changes(recorded, now)}): the validation prompts it lacks cannot be added from "
+                         f"them; give validation prompts the cache holds, or a cache of this run's encoders")
+
+
 def cached_prompts(folder: Path) -> list[str]:
     if not (Path(folder) / PROMPTS).exists():
         return []

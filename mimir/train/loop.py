@@ -45,6 +45,7 @@ from .cache import (
     add_prompts,
     cached_prompts,
     check_meta,
+    check_same_encoders,
     describe_cache,
     stack_features,
 )
@@ -153,7 +154,8 @@ def train(config: TrainConfig, components: dict | None = None, on_step: StepHook
     metrics.close()
     steps_run = config.max_steps - run.start_step
     if not steps_run:  # a finished run resumed to complete it: its losses are the ones it logged
-        losses = [(int(row["step"]), row["loss"]) for row in read_metrics(metrics.csv_path)]
+        losses = [(int(row["step"]), row["loss"]) for row in read_metrics(metrics.csv_path)
+                  if math.isfinite(row["loss"])]  # not the steps skipped as non-finite
     summary = {
         "run_dir": str(run_dir), "start_step": run.start_step, "steps": config.max_steps,
         "processes": run.accelerator.num_processes,
@@ -433,6 +435,8 @@ def validation_features(accelerator: Accelerator, config: TrainConfig, dataset, 
     if not isinstance(dataset, CachedDataset):
         return pipe.encode_features([""] + list(config.validation_prompts), seed=config.seed)
     missing = [p for p in config.validation_prompts if p not in cached_prompts(dataset.folder)]
+    if missing:
+        check_same_encoders(config, dataset.folder)
     if missing and accelerator.is_main_process:
         logger.warning("the cache %s lacks the validation prompts %s: encoding them into it", dataset.folder, missing)
         add_prompts(text_pipeline(config, pipe, accelerator.device), dataset.folder, missing, config.seed)

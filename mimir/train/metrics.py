@@ -7,6 +7,7 @@ Only the main process writes.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 COLUMNS = ("step", "loss", "lr", "fuser_lr", "grad_norm", "seconds")
@@ -58,6 +59,9 @@ class Metrics:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        rows = [r for r in rows if math.isfinite(r["loss"])]  # steps skipped as non-finite (nonfinite=skip)
+        if not rows:
+            return None
         steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
         smooth, running = [], losses[0]
         for loss in losses:
