@@ -39,10 +39,12 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
 from transformers import Phi3Config, Phi3ForCausalLM, T5Config, T5EncoderModel
 
+from mimir.codec import tiles_fit
 from mimir.fuser import FuserConfig, TokenFuser
 from mimir.memory import compile_blocks, enable_block_swap, enable_fp8_storage
 from mimir.offload import Placement
-from mimir.pipeline import MimirPipeline, fit_text_positions, tiles_fit
+from mimir.pipeline import MimirPipeline
+from mimir.sampler import fit_text_positions
 from mimir.speed import ATTENTION_BACKENDS, STEP_CACHES, StepCache, check_attention_backend, set_attention_backend
 from mimir.testing import real_scheduler, tiny_components, word_tokenizer
 from mimir.variants import TRANSFORMER_CONFIGS, VAE_CONFIG, VAE_SCALING_FACTORS
@@ -250,7 +252,7 @@ def training_step(table: Table, pipe, cond_features):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from mimir.pipeline import rotary_embeddings
+    from mimir.sampler import rotary_embeddings
     from mimir.train.config import TrainConfig
     from mimir.train.model import Denoiser, make_optimizer, setup_trainable
 

@@ -65,7 +65,7 @@ def _check_args(args) -> None:
     """Every value refused before a model loads or a step runs, with what is allowed."""
     import math
 
-    from .pipeline import check_video_size
+    from .sampler import check_video_size
     from .video import SUPPORTED_EXTENSIONS
 
     for name in ("prompt", "negative_prompt"):
@@ -225,7 +225,7 @@ def _encode(args, pipe, prompts: list[str], cached):
 
 def _defaults(args, pipe, name):
     """Unset sizes: the published variant's usual size, else (the demo, custom models) the training size."""
-    from .pipeline import VAE_SPATIAL
+    from .sampler import VAE_SPATIAL
     from .variants import DEFAULT_VIDEO_SIZES, match_variant
 
     cfg = pipe.transformer.config
@@ -242,7 +242,7 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from .loading import DEMO_MODEL_DIR
-    from .pipeline import check_video_size
+    from .sampler import check_video_size
     from .video import write_video
 
     _check_args(args)

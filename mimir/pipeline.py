@@ -1,338 +1,100 @@
 """MimirPipeline: prompt -> T5 + LLM -> token fuser -> CogVideoX DiT + scheduler (CFG) -> VAE -> frames.
 
-The denoising loop mirrors diffusers' `CogVideoXPipeline` step for step, so with a fresh fuser and no
-stabilizer tokens both give the same latents (tests/test_pipeline.py). Latents are in diffusers'
-order [B, T, C, H, W] and in diffusion space (VAE latents times the VAE scaling factor).
+It composes three parts, each usable on its own (the ComfyUI nodes call them directly):
+- `PromptEncoder` (mimir/encoder.py): prompts -> text streams;
+- `Sampler` (mimir/sampler.py): the sampler loop, text streams -> latents, as diffusers' CogVideoXPipeline;
+- `VideoCodec` (mimir/codec.py): latents <-> frames, and the latent layouts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import logging
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import copy
 
 import torch
-from diffusers import CogVideoXDPMScheduler
-from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-from diffusers.utils.torch_utils import randn_tensor
-from einops import rearrange
 
-from .fuser import FuserConfig
+from .codec import VideoCodec
+from .encoder import PromptEncoder
 from .offload import Placement, module_dtype
-from .prompt_cache import PromptCache, encode_features_cached
-from .speed import StepCache, step_caching
-from .text import LLMTextEncoder, TextFeatures, encode_t5
-from .variants import SCHEDULERS, T5_TEXT_LEN
-
-logger = logging.getLogger(__name__)
-
-# (step index, number of steps, latents) -> None; may raise to interrupt
-StepCallback = Callable[[int, int, torch.Tensor], None]
-VAE_TEMPORAL, VAE_SPATIAL = 4, 8
+from .prompt_cache import PromptCache
+from .sampler import Sampler, StepCallback, check_steps, check_video_size
 
 
-def check_video_size(num_frames: int, height: int, width: int) -> None:
-    """CogVideoX's VAE compresses 4 frames and 8x8 pixels, and the DiT patches 2x2 latents. Its decoder reads
-    latent frames in pairs after the first, so only an odd latent count decodes to 4(T-1)+1 frames: an even
-    one gives 3 frames more (5 -> 8, 13 -> 16), hence 8k+1."""
-    if num_frames < 1 or (num_frames - 1) % (2 * VAE_TEMPORAL):
-        raise ValueError(f"frames must be 8k+1 (1, 9, 17, ..., 49, ..., 81), got {num_frames}: CogVideoX's VAE "
-                         f"decodes other counts to 3 frames more")
-    for name, size in (("height", height), ("width", width)):
-        if size <= 0 or size % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16, got {size}")
-
-
-def check_steps(steps: int, strength: float = 1.0) -> None:
-    """Denoising steps and the strength of a video-to-video run, checked before any model runs."""
-    if isinstance(steps, bool) or steps != int(steps) or steps < 1:
-        raise ValueError(f"steps must be a whole number of at least 1, got {steps!r}")
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"denoise strength must be in (0, 1], got {strength}")
-
-
-@dataclass(eq=False)
-class TextStream:
-    """One text conditioning entry as ComfyUI's samplers read one: a stream [B, n, D], its weight among the
-    entries active at a step, and the part of sampling it is active in, in ComfyUI's start_percent /
-    end_percent (0 is the start of sampling, the most noise; 1 its end)."""
-    tokens: torch.Tensor
-    strength: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-
-    def __post_init__(self):
-        if not math.isfinite(self.strength) or self.strength < 0:
-            raise ValueError(f"strength must be a finite number >= 0, got {self.strength}")
-        for name in ("start", "end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} percent must be in [0, 1], got {getattr(self, name)}")
-
-    def active(self, timestep: float, last_timestep: int) -> bool:
-        """As ComfyUI's get_area_and_mult: active from `start` to `end`, both ends included."""
-        return _percent_timestep(self.end, last_timestep) <= timestep <= _percent_timestep(self.start, last_timestep)
-
-
-def _percent_timestep(percent: float, last_timestep: int) -> float:
-    """ComfyUI's percent_to_sigma for discrete-time models, as a timestep (sigma grows with the timestep, so the
-    order is the same): percent p is timestep (1 - p) x last; 0 lies above every step and 1 below every step."""
-    if percent <= 0.0:
-        return math.inf
-    if percent >= 1.0:
-        return -math.inf
-    return (1.0 - percent) * last_timestep
-
-
-def text_streams(text: torch.Tensor | Sequence[TextStream]) -> list[TextStream]:
-    """A plain tensor is one entry of strength 1 over the whole of sampling."""
-    return [TextStream(text)] if torch.is_tensor(text) else list(text)
-
-
-def rotary_embeddings(cfg, height: int, width: int, latent_frames: int, device):
-    """CogVideoX 5B / 1.5 rotary embeddings for a video (None for sin-cos 2B); shared by sampling and training."""
-    if not cfg.use_rotary_positional_embeddings:
-        return None
-    grid_h, grid_w = height // (VAE_SPATIAL * cfg.patch_size), width // (VAE_SPATIAL * cfg.patch_size)
-    base_w, base_h = cfg.sample_width // cfg.patch_size, cfg.sample_height // cfg.patch_size
-    if cfg.patch_size_t is None:
-        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
-        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops,
-                                       grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
-    frames = (latent_frames + cfg.patch_size_t - 1) // cfg.patch_size_t
-    return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
-                                   temporal_size=frames, grid_type="slice", max_size=(base_h, base_w), device=device)
+def _part(part: str, name: str) -> property:
+    """A model or setting of one of the parts, read and set through the pipeline (as a diffusers pipeline's
+    components are)."""
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value))
 
 
 class MimirPipeline:
     def __init__(self, transformer, vae, scheduler, tokenizer=None, text_encoder=None, llm=None, llm_tokenizer=None,
                  fuser=None, placement: Placement | None = None, prompt_cache: PromptCache | None = None):
-        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        self.llm, self.llm_tokenizer, self.fuser = llm, llm_tokenizer, fuser
-        self.placement = placement or Placement()
-        self.prompt_cache = prompt_cache  # a repeated prompt then runs neither T5 nor the LLM
-        self._llm_encoder = None
-        self.step_cache: StepCache | None = None  # diffusers' step caching during denoise (speed.py)
-        self.current_timestep = None  # the step's timestep while denoising, as diffusers' pipelines have it
+        placement = placement or Placement()
+        self.text = PromptEncoder(tokenizer, text_encoder, llm, llm_tokenizer, fuser, placement, prompt_cache)
+        self.sampler = Sampler(transformer, scheduler, placement)
+        self.codec = VideoCodec(vae, placement)
+
+    tokenizer, text_encoder = _part("text", "tokenizer"), _part("text", "text_encoder")
+    llm, llm_tokenizer, fuser = _part("text", "llm"), _part("text", "llm_tokenizer"), _part("text", "fuser")
+    prompt_cache = _part("text", "prompt_cache")
+    transformer, scheduler = _part("sampler", "transformer"), _part("sampler", "scheduler")
+    step_cache = _part("sampler", "step_cache")
+    vae = _part("codec", "vae")
+
+    def __copy__(self) -> MimirPipeline:
+        """The same models in parts of its own: setting a model or option on the copy leaves this one as it is."""
+        other = object.__new__(type(self))
+        other.text, other.sampler, other.codec = (copy.copy(part) for part in (self.text, self.sampler, self.codec))
+        return other
+
+    @property
+    def placement(self) -> Placement:
+        return self.sampler.placement
+
+    @placement.setter
+    def placement(self, placement: Placement) -> None:
+        self.text.placement = self.sampler.placement = self.codec.placement = placement
 
     # ---- text ------------------------------------------------------------------------------------------
     @property
     def text_len(self) -> int:
-        return self.fuser.config.text_len if self.fuser is not None else T5_TEXT_LEN
+        return self.text.text_len
 
-    def llm_encoder(self) -> LLMTextEncoder:
-        if self.llm is None:
-            raise ValueError("this pipeline has no LLM (it was released or never loaded): pass encoded prompts instead")
-        if self._llm_encoder is None:
-            self._llm_encoder = LLMTextEncoder(self.llm, self.llm_tokenizer, self.fuser.config)
-        return self._llm_encoder
+    def llm_encoder(self):
+        return self.text.llm_encoder()
 
-    @torch.no_grad()
-    def encode_features(self, prompts: list[str], seed: int | None = None, callback=None,
-                        config: FuserConfig | None = None) -> TextFeatures | torch.Tensor:
-        """Frozen-encoder features; T5 alone (a tensor) when there is no fuser (plain CogVideoX). `config`
-        overrides the fuser's encoding settings (answer tokens, instructions) for this call."""
-        config = config or (self.fuser.config if self.fuser is not None else None)
-        text_len = config.text_len if config is not None else self.text_len
-        with self.placement.stage(self.text_encoder) as device:
-            t5 = encode_t5(self.tokenizer, self.text_encoder, prompts, max_length=text_len, device=device)
-        if self.fuser is None:
-            return t5
-        with self.placement.stage(self.llm):
-            encoder = self.llm_encoder() if config == self.fuser.config else LLMTextEncoder(self.llm, self.llm_tokenizer,
-                                                                                           config)
-            llm, mask, instructions = encoder(prompts, seed=seed, callback=callback)
-        return TextFeatures(t5, llm, mask, instructions).to("cpu")
+    def encode_features(self, prompts: list[str], seed: int | None = None, callback=None, config=None):
+        return self.text.encode_features(prompts, seed=seed, callback=callback, config=config)
 
-    @torch.no_grad()
-    def fuse(self, features: TextFeatures | torch.Tensor) -> torch.Tensor:
-        """Features -> the DiT's text stream [B, n (+K), D], in the transformer's dtype (fp32 without one)."""
-        dtype = module_dtype(self.transformer) if self.transformer is not None else torch.float32
-        if isinstance(features, torch.Tensor):
-            return features.to(dtype)
-        with self.placement.stage(self.fuser) as device:
-            fused = self.fuser(*_fuser_args(features.to(device)))
-        return fused.to(dtype)
+    def fuse(self, features) -> torch.Tensor:
+        """Features -> the DiT's text stream, in the transformer's dtype (fp32 without one)."""
+        return self.text.fuse(features, self._stream_dtype())
 
     def encode_prompt(self, prompt, negative_prompt: str | list[str] | None = "", seed: int | None = None,
                       callback=None):
-        """-> (cond, uncond) text streams; the negative prompt goes through the whole fuser too.
-        negative_prompt=None skips it (no guidance) and returns uncond=None."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            return self.fuse(self._features(prompts, seed, callback)), None
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        fused = self.fuse(self._features(negatives + prompts, seed, callback))
-        return fused[len(negatives):], fused[:len(negatives)]
-
-    def _features(self, prompts: list[str], seed: int | None, callback):
-        if self.prompt_cache is None or self.fuser is None:
-            return self.encode_features(prompts, seed=seed, callback=callback)
-        return encode_features_cached(self, prompts, self.prompt_cache, seed=seed, callback=callback)
+        return self.text.encode_prompt(prompt, negative_prompt, seed, callback, self._stream_dtype())
 
     def release_llm(self) -> None:
-        """Drop the LLM once prompts are encoded; it is the largest text model."""
-        self.llm = self._llm_encoder = None
+        self.text.release_llm()
 
+    def _stream_dtype(self) -> torch.dtype:
+        return module_dtype(self.transformer) if self.transformer is not None else torch.float32
+
+    # ---- denoising and decoding --------------------------------------------------------------------------
     def use_scheduler(self, kind: str) -> None:
-        """Switch between CogVideoX's DDIM and DPM schedulers, keeping the checkpoint's noise settings."""
-        if kind not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {kind!r}")
-        if type(self.scheduler) is not SCHEDULERS[kind]:  # from_config costs ~10 ms: the sampler node calls this per run
-            self.scheduler = SCHEDULERS[kind].from_config(self.scheduler.config)
+        self.sampler.use_scheduler(kind)
 
-    # ---- denoising -------------------------------------------------------------------------------------
-    def _rotary(self, height: int, width: int, latent_frames: int, device):
-        return rotary_embeddings(self.transformer.config, height, width, latent_frames, device)
+    def denoise(self, *args, **kwargs) -> torch.Tensor:
+        """Sampler.denoise with this pipeline's VAE factors (diffusers reads them from the VAE config)."""
+        if self.vae is not None:
+            self.sampler.temporal, self.sampler.spatial = self.codec.temporal, self.codec.spatial
+        return self.sampler.denoise(*args, **kwargs)
 
-    def _timesteps(self, steps: int, strength: float, device):
-        self.scheduler.set_timesteps(steps, device=device)
-        timesteps = self.scheduler.timesteps
-        # at least one step: round(steps x strength) is 0 for e.g. 50 steps at strength 0.01
-        start = steps - max(1, min(int(round(steps * strength)), steps))
-        return timesteps[start * self.scheduler.order:]
-
-    @torch.no_grad()
-    def denoise(self, cond: torch.Tensor | Sequence[TextStream], uncond: torch.Tensor | Sequence[TextStream] | None,
-                num_frames: int = 49, height: int = 480, width: int = 720, steps: int = 50, guidance: float = 6.0,
-                seed: int = 0, dynamic_cfg: bool = False, latents: torch.Tensor | None = None, strength: float = 1.0,
-                callback: StepCallback | None = None) -> torch.Tensor:
-        """Text streams -> latents [B, T, C, H/8, W/8]. `latents` (diffusion space) with `strength` < 1
-        starts part-way from a noised version of them instead of pure noise. `cond` and `uncond` are a stream
-        [B, n, D] each, or several TextStreams combined as ComfyUI's samplers combine conditioning entries."""
-        check_video_size(num_frames, height, width)
-        check_steps(steps, strength)
-        cfg = self.transformer.config
-        use_cfg = guidance > 1.0 and uncond is not None
-        sides = [text_streams(uncond), text_streams(cond)] if use_cfg else [text_streams(cond)]
-        _check_sides(sides)
-        if self.step_cache is not None and any(len(side) > 1 or (side[0].start, side[0].end) != (0.0, 1.0)
-                                               for side in sides):
-            # a cache compares each forward with the same forward a step before; streams that come and go
-            # change what a forward computes
-            raise ValueError("step caching needs one conditioning entry per side, active over all of sampling")
-        with self.placement.stage(self.transformer) as device:
-            dtype = module_dtype(self.transformer)
-            sides = _on_device(sides, device, dtype)
-            fit_text_positions(self.transformer, sides[0][0].tokens.shape[1])
-            timesteps = self._timesteps(steps, strength if latents is not None else 1.0, device)
-            schedule = self._text_schedule(sides, timesteps)
-            latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
-            extra = 0 if cfg.patch_size_t is None else (-latent_frames) % cfg.patch_size_t  # 1.5: pad to patch_size_t
-            shape = (sides[0][0].tokens.shape[0], latent_frames + extra, cfg.in_channels, height // VAE_SPATIAL,
-                     width // VAE_SPATIAL)
-            generator = torch.Generator("cpu").manual_seed(seed)
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            if latents is None:
-                x = noise * self.scheduler.init_noise_sigma
-            else:
-                x = self._noised_input(latents, noise, timesteps[:1], extra, device, dtype)
-            rotary = self._rotary(height, width, x.shape[1], device)
-            with step_caching(self.transformer, self.step_cache, lambda: self.current_timestep, len(timesteps),
-                              use_cfg):
-                x = self._loop(x, schedule, timesteps, guidance if use_cfg else None, dynamic_cfg, steps, rotary,
-                               generator, callback)
-        return x[:, extra:]
-
-    def _noised_input(self, latents, noise, first_t, extra, device, dtype):
-        if list(latents.shape[:1]) + list(latents.shape[2:]) != [noise.shape[0]] + list(noise.shape[2:]) or \
-                latents.shape[1] + extra != noise.shape[1]:
-            raise ValueError(f"input latents {list(latents.shape)} do not match the requested video "
-                             f"(latents of shape {[noise.shape[0], noise.shape[1] - extra] + list(noise.shape[2:])})")
-        latents = latents.to(device=device, dtype=dtype)
-        if extra:
-            latents = torch.cat([latents[:, :extra], latents], dim=1)
-        return self.scheduler.add_noise(latents, noise, first_t.expand(latents.shape[0])).to(dtype)
-
-    def _text_schedule(self, sides: list[list[TextStream]], timesteps) -> list[list[list[TextStream]]]:
-        """Per step, per side ([negative,] positive), the streams active at that step. A side with no active
-        weight at a step is refused: ComfyUI's samplers would predict nothing there."""
-        last = self.scheduler.config.num_train_timesteps - 1
-        schedule = []
-        for t in timesteps.tolist():
-            schedule.append([[s for s in side if s.active(t, last)] for side in sides])
-            for name, active in zip(["negative", "positive"][-len(sides):], schedule[-1]):
-                if sum(s.strength for s in active) <= 0:
-                    raise ValueError(f"{name}: no conditioning entry of strength > 0 is active at timestep {t} "
-                                     f"({1 - t / last:.1%} of sampling); together the entries' timestep ranges "
-                                     f"must cover the whole of sampling (0 to 1)")
-        return schedule
-
-    def _predictions(self, x, texts: list[torch.Tensor], t, rotary) -> list[torch.Tensor]:
-        """The transformer's prediction for x under each text stream, two streams a forward: the batch guidance
-        has always used, so one forward never needs more memory than a plain guided step."""
-        cached = getattr(self.transformer, "is_cache_enabled", False)  # cache hooks keep their state per context
-        preds = []
-        for k in range(0, len(texts), 2):
-            chunk = texts[k:k + 2]
-            model_in = self.scheduler.scale_model_input(torch.cat([x] * len(chunk)), t)
-            with self.transformer.cache_context(f"streams{k}") if cached else contextlib.nullcontext():
-                pred = self.transformer(hidden_states=model_in, encoder_hidden_states=torch.cat(chunk),
-                                        timestep=t.expand(model_in.shape[0]), image_rotary_emb=rotary,
-                                        return_dict=False)[0].float()
-            preds += pred.chunk(len(chunk))
-        return preds
-
-    def _side_predictions(self, x, active: list[list[TextStream]], t, rotary) -> list[torch.Tensor]:
-        """One prediction per side: its active streams' predictions averaged by strength (ComfyUI's
-        calc_cond_batch; it averages denoised images, an affine map of these predictions at a step, so the same)."""
-        preds = self._predictions(x, [s.tokens for side in active for s in side], t, rotary)
-        out = []
-        for side in active:
-            weighted = [p * s.strength for p, s in zip(preds, side)]
-            out.append(sum(weighted[1:], weighted[0]) / sum(s.strength for s in side))
-            preds = preds[len(side):]
-        return out
-
-    def _loop(self, x, schedule, timesteps, guidance, dynamic_cfg, steps, rotary, generator, callback):
-        dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
-        old_pred = None
-        for i, t in enumerate(timesteps):
-            self.current_timestep = t
-            preds = self._side_predictions(x, schedule[i], t, rotary)
-            pred = preds[-1]
-            if guidance is not None:
-                scale = guidance
-                if dynamic_cfg:
-                    scale = 1 + guidance * ((1 - math.cos(math.pi * ((steps - t.item()) / steps) ** 5.0)) / 2)
-                uncond_pred, cond_pred = preds
-                pred = uncond_pred + scale * (cond_pred - uncond_pred)
-            if dpm:
-                prev_t = timesteps[i - 1] if i > 0 else None
-                x_next, old_pred = self.scheduler.step(pred, old_pred, t, prev_t, x, eta=0.0, generator=generator,
-                                                       return_dict=False)
-            else:
-                x_next = self.scheduler.step(pred, t, x, eta=0.0, generator=generator, return_dict=False)[0]
-            x = x_next.to(x.dtype)
-            if callback is not None:
-                callback(i + 1, len(timesteps), x)
-        self.current_timestep = None
-        return x
-
-    # ---- decoding ----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiling: bool = False, slicing: bool = False) -> torch.Tensor:
-        """Latents [B, T, C, h, w] (diffusion space) -> frames [B, F, H, W, 3] in 0..1 (float32, CPU).
-        Tiling is skipped for VAEs whose tiles do not fit diffusers' tiling scheme (see tiles_fit)."""
-        self.vae.enable_tiling() if tiling and tiles_fit(self.vae) else self.vae.disable_tiling()
-        self.vae.enable_slicing() if slicing else self.vae.disable_slicing()
-        with self.placement.stage(self.vae) as device:
-            z = rearrange(latents, "b t c h w -> b c t h w").to(device=device, dtype=module_dtype(self.vae))
-            video = self.vae.decode(z / self.vae.config.scaling_factor).sample
-        return rearrange((video.float() / 2 + 0.5).clamp(0, 1), "b c f h w -> b f h w c").cpu()
+        return self.codec.decode(latents, tiling=tiling, slicing=slicing)
 
-    @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frames [B, F, H, W, 3] in 0..1 -> latents [B, T, C, h, w] in diffusion space (the VAE posterior's mode)."""
-        check_video_size(*frames.shape[1:4])
-        with self.placement.stage(self.vae) as device:
-            video = rearrange(frames[..., :3], "b f h w c -> b c f h w").to(device=device, dtype=module_dtype(self.vae))
-            z = self.vae.encode(video * 2 - 1).latent_dist.mode()
-        return rearrange(z.float() * self.vae.config.scaling_factor, "b c t h w -> b t c h w").cpu()
+        return self.codec.encode(frames)
 
     def __call__(self, prompt, negative_prompt: str = "", num_frames: int = 49, height: int = 480, width: int = 720,
                  steps: int = 50, guidance: float = 6.0, seed: int = 0, dynamic_cfg: bool = False,
@@ -344,57 +106,3 @@ class MimirPipeline:
         latents = self.denoise(cond, uncond, num_frames, height, width, steps, guidance, seed, dynamic_cfg,
                                callback=callback)
         return latents if output_type == "latent" else self.decode(latents, tiling=tiling, slicing=slicing)
-
-
-def fit_text_positions(transformer, text_len: int) -> None:
-    """Sin-cos (CogVideoX-2B style) transformers lay out positions for a fixed text length; resize them (a
-    buffer, not weights) so a stream of any length fits. Rotary transformers read the length at run time.
-    load_transformer(text_len=...) sizes them at load; denoise calls this for a stream whose length was first
-    known there (a ComfyUI model loader does not know the fuser), once per length, and says so in the log."""
-    embed = transformer.patch_embed
-    if not embed.use_positional_embeddings or embed.use_learned_positional_embeddings:
-        return
-    if embed.max_text_seq_length != text_len:
-        logger.info("sin-cos text positions of the transformer resized from %d to %d tokens (the text stream's "
-                    "length; the weights are unchanged)", embed.max_text_seq_length, text_len)
-        embed.max_text_seq_length = text_len
-        positions = embed._get_positional_embeddings(embed.sample_height, embed.sample_width, embed.sample_frames,
-                                                     device=embed.pos_embedding.device)
-        embed.register_buffer("pos_embedding", positions, persistent=False)
-        transformer.register_to_config(max_text_seq_length=text_len)
-
-
-def tiles_fit(vae) -> bool:
-    """diffusers' tiled CogVideoX decode is exact only when its latent tile stride, in pixels, equals the pixel
-    rows each tile keeps. The published VAE's tiles (240 x 360 px) fit; small VAEs (sample size 32 gives 16 px
-    tiles) do not, and tiled decoding would return frames of the wrong size, so those decode whole."""
-    up = 2 ** (len(vae.config.block_out_channels) - 1)
-    for latent_tile, pixel_tile, overlap in ((vae.tile_latent_min_height, vae.tile_sample_min_height,
-                                              vae.tile_overlap_factor_height),
-                                             (vae.tile_latent_min_width, vae.tile_sample_min_width,
-                                              vae.tile_overlap_factor_width)):
-        if int(latent_tile * (1 - overlap)) * up != pixel_tile - int(pixel_tile * overlap):
-            return False
-    return True
-
-
-def _check_sides(sides: list[list[TextStream]]) -> None:
-    """The streams of all sides ([negative,] positive) are batched together: all need the first positive's shape."""
-    names = ["negative", "positive"][-len(sides):]
-    for name, side in zip(names, sides):
-        if not side:
-            raise ValueError(f"{name}: the conditioning has no entries")
-    shape = sides[-1][0].tokens.shape
-    for name, side in zip(names, sides):
-        for i, stream in enumerate(side):
-            if stream.tokens.shape != shape:
-                raise ValueError(f"{name}: entry {i + 1} has shape {list(stream.tokens.shape)} but positive entry 1 "
-                                 f"has {list(shape)}; every entry must come from the same encoder and fuser")
-
-
-def _on_device(sides: list[list[TextStream]], device, dtype) -> list[list[TextStream]]:
-    return [[dataclasses.replace(s, tokens=s.tokens.to(device=device, dtype=dtype)) for s in side] for side in sides]
-
-
-def _fuser_args(features: TextFeatures):
-    return features.t5, features.llm, features.llm_mask, features.instructions

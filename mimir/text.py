@@ -27,19 +27,18 @@ class TextFeatures:
     """What the frozen encoders make of a batch of prompts: the token fuser's input."""
 
     t5: torch.Tensor  # [B, n, t5_dim]
-    llm: torch.Tensor  # [B, m, llm_dim] query tokens then answer tokens
-    llm_mask: torch.Tensor  # [B, m] 1 for real tokens
-    instructions: torch.Tensor | None  # [B, K, llm_dim], None when K = 0
+    llm: torch.Tensor | None = None  # [B, m, llm_dim] query tokens then answer tokens; None: T5 alone
+    llm_mask: torch.Tensor | None = None  # [B, m] 1 for real tokens
+    instructions: torch.Tensor | None = None  # [B, K, llm_dim], None when K = 0
 
     def to(self, device=None, dtype=None) -> TextFeatures:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-        return TextFeatures(move(self.t5), move(self.llm), self.llm_mask.to(device), move(self.instructions))
+        mask = None if self.llm_mask is None else self.llm_mask.to(device)
+        return TextFeatures(move(self.t5), move(self.llm), mask, move(self.instructions))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"t5": self.t5, "llm": self.llm, "llm_mask": self.llm_mask}
-        if self.instructions is not None:
-            out["instructions"] = self.instructions
-        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+        out = {"t5": self.t5, "llm": self.llm, "llm_mask": self.llm_mask, "instructions": self.instructions}
+        return {k: v.detach().contiguous().cpu() for k, v in out.items() if v is not None}
 
     def split(self) -> list[TextFeatures]:
         """A batch -> one TextFeatures per prompt (batch 1, on the CPU), LLM tokens cut to the prompt's length."""

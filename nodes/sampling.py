@@ -11,7 +11,8 @@ import dataclasses
 
 import torch
 
-from ..mimir.pipeline import VAE_SPATIAL, VAE_TEMPORAL, MimirPipeline, TextStream, check_video_size
+from ..mimir.codec import VideoCodec, comfy_latent, diffusion_latent
+from ..mimir.sampler import VAE_SPATIAL, VAE_TEMPORAL, Sampler, TextStream, check_video_size
 from ..mimir.speed import STEP_CACHES, StepCache
 from ..mimir.variants import SCHEDULERS
 from . import comfy_services as services
@@ -74,7 +75,7 @@ def _init_latents(latent, model, frames: int, height: int, width: int) -> torch.
         got = list(samples.shape) if torch.is_tensor(samples) else type(latent).__name__
         raise ValueError(f"latent: got {got} but width {width}, height {height}, frames {frames} need video latents "
                          f"[B, {', '.join(map(str, want))}] ([B, C, T, H/8, W/8]); set the size to the input video's")
-    return samples.float().permute(0, 2, 1, 3, 4) * model.info.vae_scaling_factor
+    return diffusion_latent(samples, model.info.vae_scaling_factor)
 
 
 def _queue_time_video_check(node, frames, height, width) -> bool | str:
@@ -173,9 +174,9 @@ class MimirSampler:
         init = None if latent is None else _init_latents(latent, model, frames, height, width)
         if init is not None:
             cond, uncond = _batched(cond, init.shape[0]), _batched(uncond, init.shape[0])
-        pipe = MimirPipeline(model.transformer, None, model.scheduler, placement=services.placement())
-        pipe.use_scheduler(scheduler)
-        pipe.step_cache = _step_cache(step_cache, step_cache_setting)
+        sampler = Sampler(model.transformer, model.scheduler, services.placement())
+        sampler.use_scheduler(scheduler)
+        sampler.step_cache = _step_cache(step_cache, step_cache_setting)
         bar = services.progress_bar(steps)
 
         def on_step(done, total, _latents):
@@ -183,10 +184,9 @@ class MimirSampler:
             bar.update_absolute(done, total)
 
         services.check_interrupted()
-        latents = pipe.denoise(cond, uncond, frames, height, width, steps, cfg, seed, dynamic_cfg, latents=init,
-                               strength=denoise if init is not None else 1.0, callback=on_step)
-        samples = (latents.float() / model.info.vae_scaling_factor).permute(0, 2, 1, 3, 4).cpu()
-        return ({"samples": samples.contiguous()},)
+        latents = sampler.denoise(cond, uncond, frames, height, width, steps, cfg, seed, dynamic_cfg, latents=init,
+                                  strength=denoise if init is not None else 1.0, callback=on_step)
+        return ({"samples": comfy_latent(latents, model.info.vae_scaling_factor)},)
 
 
 def _vae_space_latents(latent, vae) -> torch.Tensor:
@@ -218,10 +218,10 @@ class MimirDecode:
     DESCRIPTION = "Decodes video latents into frames with the CogVideoX VAE."
 
     def decode(self, vae, samples, tiling):
-        z = _vae_space_latents(samples, vae).float().permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
+        z = _vae_space_latents(samples, vae).float()
         services.check_interrupted()
         bar = services.progress_bar(1)
-        frames = MimirPipeline(None, vae, None, placement=services.placement()).decode(z, tiling=tiling)
+        frames = VideoCodec(vae, services.placement()).decode_vae_space(z, tiling=tiling)
         bar.update_absolute(1, 1)
         return (frames.reshape(-1, *frames.shape[2:]),)
 
@@ -249,9 +249,7 @@ class MimirVAEEncode:
             check_video_size(*images.shape[:3])
         except ValueError as exc:
             raise ValueError(f"images: {exc}") from exc
-        pipe = MimirPipeline(None, vae, None, placement=services.placement())
-        latents = pipe.encode_video(images.unsqueeze(0))  # diffusion space, [1, T, C, h, w]
-        return ({"samples": (latents / vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()},)
+        return ({"samples": VideoCodec(vae, services.placement()).encode_vae_space(images.unsqueeze(0))},)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from ..mimir.pipeline import MimirPipeline
+from ..mimir.encoder import PromptEncoder
 from ..mimir.prompt_cache import PromptCache, encoding_key_parts
 from ..mimir.text import TextFeatures, encode_t5
 from ..mimir.variants import T5_TEXT_LEN
@@ -51,10 +51,10 @@ def _check_widths(t5_width: int, llm_width: int, fuser) -> None:
                          f"{cfg.llm_dim}; load the LLM the fuser was trained with")
 
 
-def _pipeline(t5=None, llm=None, fuser=None) -> MimirPipeline:
-    """A text-only MimirPipeline over the loaded encoders, placed by ComfyUI's model management."""
-    return MimirPipeline(None, None, None, t5 and t5.tokenizer, t5 and t5.model, llm and llm.model,
-                         llm and llm.tokenizer, fuser, placement=services.placement())
+def _text_side(t5=None, llm=None, fuser=None) -> PromptEncoder:
+    """The text side over the loaded encoders, placed by ComfyUI's model management."""
+    return PromptEncoder(t5 and t5.tokenizer, t5 and t5.model, llm and llm.model, llm and llm.tokenizer, fuser,
+                         services.placement())
 
 
 class MimirTextEncode:
@@ -111,7 +111,7 @@ class MimirTextEncode:
                 cache.put(parts, features)
             else:  # made by these encoders, but perhaps for a fuser of other widths
                 _check_widths(features.t5.shape[-1], features.llm.shape[-1], fuser)
-        return conditioning(_pipeline(fuser=fuser).fuse(features), "mimir"), features
+        return conditioning(_text_side(fuser=fuser).fuse(features), "mimir"), features
 
 
 def _encode(t5, llm, fuser, prompt: str, config, seed: int):
@@ -123,7 +123,7 @@ def _encode(t5, llm, fuser, prompt: str, config, seed: int):
         services.check_interrupted()
         bar.update_absolute(done, total)
 
-    features = _pipeline(t5, llm, fuser).encode_features([prompt], seed=seed, callback=on_token, config=config)
+    features = _text_side(t5, llm, fuser).encode_features([prompt], seed=seed, callback=on_token, config=config)
     bar.update_absolute(bar.total, bar.total)
     return features
 
@@ -202,7 +202,7 @@ class MimirLoadEncodedPrompt:
             fuser.check_inputs(features.t5, features.llm, features.llm_mask, features.instructions)
         except ValueError as exc:
             raise ValueError(f"encoded_prompt: {encoded_prompt} does not fit this fuser: {exc}") from exc
-        return (conditioning(_pipeline(fuser=fuser).fuse(features), "mimir"),)
+        return (conditioning(_text_side(fuser=fuser).fuse(features), "mimir"),)
 
 
 NODE_CLASS_MAPPINGS = {

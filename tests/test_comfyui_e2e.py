@@ -40,7 +40,8 @@ from mimir.components import load_scheduler, load_token_fuser, load_transformer
 from mimir.demo.analysis import analyse, parse_caption
 from mimir.fuser import FuserConfig, TokenFuser, save_fuser
 from mimir.loading import DEMO_MODEL_DIR, save_pipeline, save_single_file
-from mimir.pipeline import MimirPipeline, TextStream
+from mimir.pipeline import MimirPipeline
+from mimir.sampler import TextStream
 from mimir.testing import tiny_components, tiny_llm, tiny_t5, tiny_transformer, tiny_vae, word_tokenizer
 from mimir.text import TextFeatures
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from mimir.fuser import save_fuser
 from mimir.loading import save_pipeline, save_single_file
-from mimir.pipeline import MimirPipeline, TextStream
+from mimir.pipeline import MimirPipeline
+from mimir.sampler import TextStream
 from mimir.speed import StepCache
 from mimir.testing import real_scheduler, tiny_components
 from mimir.text import LLMTextEncoder, encode_t5

@@ -4,7 +4,8 @@ from diffusers import CogVideoXPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from mimir.offload import Placement
-from mimir.pipeline import MimirPipeline, TextStream, check_video_size
+from mimir.pipeline import MimirPipeline
+from mimir.sampler import TextStream, check_video_size
 from mimir.testing import tiny_components
 
 PROMPT = "a red circle moves to the left"
@@ -253,3 +254,36 @@ def test_several_entries_average_their_predictions_by_strength():
         pipe.denoise([TextStream(a, end=0.5)], n, 9, 32, 32, steps=4)
     with pytest.raises(ValueError, match=r"^negative: entry 2 has shape \[1, 8, 32\] but positive entry 1 has"):
         pipe.denoise(a, [TextStream(n), TextStream(m[:, :8])], 9, 32, 32, steps=4)
+
+
+def test_the_pipeline_is_its_parts_and_reads_the_vae_factors_from_its_config():
+    """The text side, the sampler and the codec are objects of their own (the nodes call them directly); a VAE
+    with 3 blocks compresses 4x, not the published 8x, and the pipeline follows its config as diffusers does."""
+    import copy
+
+    from diffusers import AutoencoderKLCogVideoX
+
+    from mimir.codec import VideoCodec, comfy_latent, diffusion_latent
+
+    parts = tiny_components(variant="5b")
+    pipe = MimirPipeline(**parts)
+    assert pipe.text.fuser is parts["fuser"] and pipe.sampler.transformer is parts["transformer"]
+    assert pipe.codec.vae is parts["vae"] and (pipe.codec.spatial, pipe.codec.temporal) == (8, 4)
+    other = copy.copy(pipe)
+    other.transformer = None  # a copy's parts are its own
+    assert pipe.transformer is parts["transformer"]
+    assert pipe.encode_features(["x"]).llm is not None and MimirPipeline(
+        parts["transformer"], None, parts["scheduler"], parts["tokenizer"], parts["text_encoder"]
+    ).encode_features(["x"]).llm is None  # T5 alone: still TextFeatures, no LLM features
+    torch.manual_seed(0)
+    small = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                   up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+                                   latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                   sample_height=32, sample_width=32).eval()
+    pipe.vae = small
+    assert VideoCodec(small).spatial == 4
+    latents = pipe("a red circle", num_frames=9, height=32, width=48, steps=1, guidance=1.0, output_type="latent")
+    assert latents.shape == (1, 3, 4, 8, 12)
+    assert pipe.decode(latents).shape == (1, 9, 32, 48, 3)
+    samples = comfy_latent(latents, 0.7)
+    assert samples.shape == (1, 4, 3, 8, 12) and torch.allclose(diffusion_latent(samples, 0.7), latents)

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ..loading import DEMO_MODEL_DIR
-from ..pipeline import check_video_size
+from ..sampler import check_video_size
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of every CogVideoX block
 

@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..offload import Placement
-from ..pipeline import MimirPipeline, fit_text_positions, rotary_embeddings
+from ..pipeline import MimirPipeline
+from ..sampler import fit_text_positions, rotary_embeddings
 from ..video import write_video
 from .cache import (
     CachedDataset,
