@@ -37,6 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..encoder import PromptEncoder
 from ..offload import Placement
 from ..pipeline import MimirPipeline
 from ..sampler import fit_text_positions, rotary_embeddings
@@ -445,14 +446,14 @@ def validation_features(accelerator: Accelerator, config: TrainConfig, dataset, 
     return stack_features([empty_row] + dataset.prompt_rows(config.validation_prompts))
 
 
-def text_pipeline(config: TrainConfig, pipe: MimirPipeline, device) -> MimirPipeline:
-    """`pipe` when it holds T5 and the LLM, else a pipeline of those alone: each waits on the CPU and is on
+def text_pipeline(config: TrainConfig, pipe: MimirPipeline, device) -> PromptEncoder:
+    """`pipe`'s text side when it holds T5 and the LLM, else one of those alone: each waits on the CPU and is on
     `device` only for its stage, next to the DiT already there."""
     if pipe.text_encoder is not None:
-        return pipe
+        return pipe.text
     parts = load_text_encoders(config)
     placement = frozen_placement(parts, dataclasses.replace(config, offload=True), device)
-    return MimirPipeline(None, None, None, fuser=pipe.fuser, placement=placement, **parts)
+    return PromptEncoder(**parts, fuser=pipe.fuser, placement=placement)
 
 
 def run_state(run: Run, step: int) -> dict:
