@@ -195,7 +195,7 @@ def _prompt_cache(args, prompts: list[str], dtype: str):
     """-> (cache, key identities, all prompts cached?) or None. Identities come from the model files, so a
     cached prompt needs neither T5 nor the LLM loaded."""
     from .fuser import read_fuser_config
-    from .loading import pipeline_paths
+    from .loading import pipeline_paths, text_sources
     from .prompt_cache import PromptCache, encoding_key_parts, files_identity
 
     folder = _model_folder(args)
@@ -205,7 +205,7 @@ def _prompt_cache(args, prompts: list[str], dtype: str):
     if fuser_path is None:
         return None
     cache = PromptCache(args.prompt_cache or None)
-    ids = files_identity([root / "text_encoder", root / "tokenizer"], dtype), files_identity([llm_folder], dtype)
+    ids = tuple(files_identity(files, dtype) for files in text_sources(root, llm_folder))
     config = read_fuser_config(fuser_path)
     hit = all(cache.get(encoding_key_parts(p, *ids, config, args.seed)) is not None for p in prompts)
     return cache, ids, hit

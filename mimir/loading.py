@@ -47,7 +47,16 @@ def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None 
         text_encoder, tokenizer, _ = components.load_t5(root, dtype=dtype, device=where)
     _check_text_dims(fuser, text_encoder, transformer)
     scheduler = components.load_scheduler(root)
-    return MimirPipeline(transformer, vae, scheduler, tokenizer, text_encoder, llm, llm_tokenizer, fuser, placement)
+    pipe = MimirPipeline(transformer, vae, scheduler, tokenizer, text_encoder, llm, llm_tokenizer, fuser, placement)
+    if fuser is not None:
+        pipe.text.sources = text_sources(root, llm_folder)
+    return pipe
+
+
+def text_sources(root: Path, llm_folder: Path) -> tuple[list[Path], list[Path]]:
+    """(T5 files, LLM files) of a Mimir folder: what the prompt cache keys on (prompt_cache.files_identity),
+    the same whether the CLI, a node or a loaded pipeline asks."""
+    return [root / "text_encoder", root / "tokenizer"], [llm_folder]
 
 
 def pipeline_paths(folder, fuser_path=None, llm_path=None,

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .fuser import FuserConfig
+from .offload import module_dtype
 from .text import TextFeatures
 from .weights import read_file, read_folder, resolve_dtype
 
@@ -156,8 +157,9 @@ def encode_features_cached(pipeline, prompts: list[str], cache: PromptCache, see
     paths) to use cached prompts without the LLM."""
     if pipeline.fuser is None:
         raise ValueError("the prompt cache stores T5 + LLM features: this pipeline has no fuser")
-    t5_identity = t5_identity or _joint_identity(pipeline.text_encoder, pipeline.tokenizer, "T5")
-    llm_identity = llm_identity or _joint_identity(pipeline.llm, pipeline.llm_tokenizer, "LLM")
+    sources = getattr(pipeline, "sources", None) or getattr(pipeline, "text_sources", None)
+    t5_identity = t5_identity or _joint_identity(pipeline.text_encoder, pipeline.tokenizer, "T5", sources, 0)
+    llm_identity = llm_identity or _joint_identity(pipeline.llm, pipeline.llm_tokenizer, "LLM", sources, 1)
     parts = {p: encoding_key_parts(p, t5_identity, llm_identity, pipeline.fuser.config, seed) for p in prompts}
     found = {p: cache.get(parts[p]) for p in parts}
     missing = [p for p, features in found.items() if features is None]
@@ -168,7 +170,11 @@ def encode_features_cached(pipeline, prompts: list[str], cache: PromptCache, see
     return TextFeatures.cat([found[p] for p in prompts])
 
 
-def _joint_identity(model, tokenizer, what: str) -> str:
+def _joint_identity(model, tokenizer, what: str, sources=None, index: int = 0) -> str:
+    """Models loaded from files key on those files (as the CLI and the nodes do); models built in memory on
+    their weights."""
+    if sources is not None and model is not None:
+        return files_identity(sources[index], module_dtype(model))
     if model is None or tokenizer is None:
         raise ValueError(f"the {what} (model or tokenizer) is not loaded: pass its identity (model_identity of its "
                          f"files) to use the prompt cache without it")

@@ -147,3 +147,20 @@ def test_files_identity_keys_on_the_dtype(tmp_path):
 def test_default_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MIMIR_PROMPT_CACHE", str(tmp_path / "prompts"))
     assert PromptCache().folder == tmp_path / "prompts"
+
+
+def test_a_loaded_pipeline_and_the_cli_find_the_same_entries(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """One identity: a pipeline loaded from files keys on those files and its dtype, as the CLI and the nodes do."""
+    import mimir.components
+    from mimir.cli import main
+    from mimir.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_model_dir, dtype="fp32")
+    pipe.prompt_cache = PromptCache(tmp_path / "cache")
+    pipe.encode_prompt(PROMPT, "", seed=0)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    for name in ("load_t5", "load_llm"):
+        monkeypatch.setattr(mimir.components, name, lambda *a, **k: pytest.fail("a cached prompt loaded an encoder"))
+    assert main(["generate", PROMPT, "--model", str(tiny_model_dir), "--steps", "1", "--prompt-cache",
+                 str(tmp_path / "cache"), "-o", str(tmp_path / "v.webp")]) == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
