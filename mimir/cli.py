@@ -287,12 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train a fuser + DiT (see `mimir train --help`)", add_help=False)
     sub.add_parser("cache", help="precompute VAE latents and text features (see `mimir cache --help`)", add_help=False)
     if argv[:1] in (["train"], ["cache"]):  # these parse their own options
-        try:
-            from . import train
-        except ModuleNotFoundError as exc:
-            print(f"mimir {argv[0]}: error: {exc.name} is not installed: training needs the train extra, "
-                  f"pip install \"mimir-video[train]\" (or -e \".[train]\" in a clone)", file=sys.stderr)
-            return 2
+        from . import train
+
         return (train.main_train if argv[0] == "train" else train.main_cache)(argv[1:])
     args = parser.parse_args(argv)
     try:

@@ -189,17 +189,18 @@ def test_unset_sizes_follow_the_variant_not_the_sample_size():
     assert (args.frames, args.height, args.width) == (17, 480, 640)
 
 
-def test_train_without_the_train_extra_names_it(capsys, monkeypatch):
-    import sys
+def test_train_without_the_train_extra_names_it_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    """matplotlib (loss.png) and peft (LoRA) are imported late in a run: a missing one must stop it up front."""
+    import importlib.util
 
-    import mimir
-
-    monkeypatch.delattr(mimir, "train", raising=False)  # else `from . import train` finds the attribute
-    for name in [m for m in sys.modules if m == "mimir.train" or m.startswith("mimir.train.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if not installed
-    code, _, err = run(capsys, "train", "--config", "x.yaml")
-    assert code == 2 and "accelerate is not installed" in err and "mimir-video[train]" in err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("matplotlib", "peft")
+                        else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", f"model={model_dir}", f"data={tmp_path}", f"output_dir={tmp_path / 'run'}", "dit=lora"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "matplotlib, peft not installed" in err and "mimir-video[train]" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_memory_flags(model_dir, tmp_path, capsys):

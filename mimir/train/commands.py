@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import sys
@@ -43,6 +44,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def check_paths(config: TrainConfig, command: str) -> None:
     """Inputs that must exist before `command` ("train" or "cache") loads anything."""
+    check_train_extra(config, command)
     if not config.model:
         raise ValueError("model= is required: a Mimir/CogVideoX diffusers folder, or demo (the bundled demo model)")
     if not Path(config.model).exists():
@@ -62,6 +64,17 @@ def check_paths(config: TrainConfig, command: str) -> None:
     if not config.llm and all(fuser_file(config, f) is None for f in folders):
         raise ValueError(f"{config.model} has no fuser.safetensors: give fuser= (a fuser file) or llm= (an LLM "
                          f"folder, to start a fresh fuser)")
+
+
+def check_train_extra(config: TrainConfig, command: str) -> None:
+    """The train extra's packages this run will import (late: LoRA at setup, TensorBoard, loss.png at the end),
+    checked before any work so that a run never dies on a missing package after training."""
+    needed = [] if command == "cache" else ["matplotlib", *(["peft"] if config.dit == "lora" else []),
+                                            *(["tensorboard"] if config.tensorboard else [])]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not installed: `mimir {command}` needs the train extra, "
+                         f"pip install \"mimir-video[train]\" (or -e \".[train]\" in a clone)")
 
 
 def show_messages() -> None:
