@@ -225,11 +225,9 @@ def _encode(args, pipe, prompts: list[str], cached):
 
 def _defaults(args, pipe, name):
     """Unset sizes: the published variant's usual size, else (the demo, custom models) the training size."""
-    from .sampler import VAE_SPATIAL
     from .variants import DEFAULT_VIDEO_SIZES, match_variant
 
-    cfg = pipe.transformer.config
-    spatial = VAE_SPATIAL
+    cfg, spatial = pipe.transformer.config, pipe.codec.spatial
     trained = (cfg.sample_frames, cfg.sample_height * spatial, cfg.sample_width * spatial)
     usual = DEFAULT_VIDEO_SIZES.get(match_variant(dict(cfg)), trained)
     args.frames, args.height, args.width = (given if given is not None else default for given, default in

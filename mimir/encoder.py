@@ -22,7 +22,7 @@ class PromptEncoder:
         self.placement = placement or Placement()
         self.prompt_cache = prompt_cache  # a repeated prompt then runs neither T5 nor the LLM
         self._llm_encoder = None
-        self.sources = None  # (T5 files, LLM files) when loaded from files (mimir.loading.text_sources)
+        self.text_sources = None  # (T5 files, LLM files) when loaded from files (mimir.loading.text_sources)
 
     @property
     def text_len(self) -> int:

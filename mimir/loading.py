@@ -49,7 +49,7 @@ def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None 
     scheduler = components.load_scheduler(root)
     pipe = MimirPipeline(transformer, vae, scheduler, tokenizer, text_encoder, llm, llm_tokenizer, fuser, placement)
     if fuser is not None:
-        pipe.text.sources = text_sources(root, llm_folder)
+        pipe.text_sources = text_sources(root, llm_folder)
     return pipe
 
 

@@ -36,7 +36,7 @@ class MimirPipeline:
 
     tokenizer, text_encoder = _part("text", "tokenizer"), _part("text", "text_encoder")
     llm, llm_tokenizer, fuser = _part("text", "llm"), _part("text", "llm_tokenizer"), _part("text", "fuser")
-    prompt_cache, text_sources = _part("text", "prompt_cache"), _part("text", "sources")
+    prompt_cache, text_sources = _part("text", "prompt_cache"), _part("text", "text_sources")
     transformer, scheduler = _part("sampler", "transformer"), _part("sampler", "scheduler")
     step_cache = _part("sampler", "step_cache")
     vae = _part("codec", "vae")

@@ -157,7 +157,7 @@ def encode_features_cached(pipeline, prompts: list[str], cache: PromptCache, see
     paths) to use cached prompts without the LLM."""
     if pipeline.fuser is None:
         raise ValueError("the prompt cache stores T5 + LLM features: this pipeline has no fuser")
-    sources = getattr(pipeline, "sources", None) or getattr(pipeline, "text_sources", None)
+    sources = pipeline.text_sources  # a MimirPipeline or its PromptEncoder
     t5_identity = t5_identity or _joint_identity(pipeline.text_encoder, pipeline.tokenizer, "T5", sources, 0)
     llm_identity = llm_identity or _joint_identity(pipeline.llm, pipeline.llm_tokenizer, "LLM", sources, 1)
     parts = {p: encoding_key_parts(p, t5_identity, llm_identity, pipeline.fuser.config, seed) for p in prompts}

@@ -180,7 +180,8 @@ def test_unset_sizes_follow_the_variant_not_the_sample_size():
     from mimir.variants import TRANSFORMER_CONFIGS
 
     for variant, expected in (("1.5", (81, 768, 1360)), ("5b", (49, 480, 720)), ("2b", (49, 480, 720))):
-        pipe = SimpleNamespace(transformer=SimpleNamespace(config=FrozenDict(TRANSFORMER_CONFIGS[variant])))
+        pipe = SimpleNamespace(transformer=SimpleNamespace(config=FrozenDict(TRANSFORMER_CONFIGS[variant])),
+                               codec=SimpleNamespace(spatial=8))
         args = SimpleNamespace(frames=None, height=None, width=None, steps=None)
         _defaults(args, pipe, "model")
         assert (args.frames, args.height, args.width, args.steps) == (*expected, 50), variant
