@@ -42,6 +42,7 @@ class ComponentInfo:
     dtype: str
     path: str
     vae_scaling_factor: float | None = None  # transformer: of the VAE it was trained with; vae: its own
+    vae_spatial_factor: int = 8  # transformer: how much smaller than the frames its latents are (CogVideoX: 8)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,7 +79,7 @@ def _fp32_modules(model: nn.Module, dtype: torch.dtype) -> set[str]:
 # ---- transformer -----------------------------------------------------------------------------------------
 
 def find_transformer(path: Path):
-    """-> (layout, folder or file, full config, weights, vae scaling factor or None)."""
+    """-> (layout, folder or file, full config, weights, (scaling factor or None, spatial factor) of its VAE)."""
     if path.is_file():
         return "single-file", path, *single_file.read_transformer(path)
     folder, config = component_folder(path, "transformer", is_class("CogVideoXTransformer3DModel"),
@@ -87,10 +88,16 @@ def find_transformer(path: Path):
     config = full_config(CogVideoXTransformer3DModel, config)
     vae_config = folder.parent / "vae" / "config.json"
     if folder.name == "transformer" and vae_config.is_file():
-        scaling = full_config(AutoencoderKLCogVideoX, read_json(vae_config))["scaling_factor"]
+        vae = full_config(AutoencoderKLCogVideoX, read_json(vae_config))
+        vae = vae["scaling_factor"], spatial_factor(vae)
     else:
-        scaling = VAE_SCALING_FACTORS.get(match_variant(config))
-    return "diffusers-folder", folder, config, read_folder(folder), scaling
+        vae = VAE_SCALING_FACTORS.get(match_variant(config)), 8
+    return "diffusers-folder", folder, config, read_folder(folder), vae
+
+
+def spatial_factor(vae_config: dict) -> int:
+    """A CogVideoX VAE halves the frame size in every down block but the last."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def _with_text_len(config: dict, text_len: int | None, where) -> dict:
@@ -114,25 +121,26 @@ def _positions(config: dict) -> str:
     return "rotary" if config["use_rotary_positional_embeddings"] else "sincos"
 
 
-def transformer_info(layout, path, config, dtype, scaling) -> ComponentInfo:
+def transformer_info(layout, path, config, dtype, vae: tuple[float | None, int]) -> ComponentInfo:
     dims = dict(inner_dim=config["num_attention_heads"] * config["attention_head_dim"],
                 text_embed_dim=config["text_embed_dim"], num_layers=config["num_layers"],
                 num_attention_heads=config["num_attention_heads"], attention_head_dim=config["attention_head_dim"],
                 in_channels=config["in_channels"], patch_size=config["patch_size"],
                 patch_size_t=config["patch_size_t"], max_text_seq_length=config["max_text_seq_length"],
                 positional_embeddings=_positions(config))
+    scaling, spatial = vae
     return ComponentInfo("transformer", layout, match_variant(config), dims, dtype_name(dtype), str(path),
-                         None if scaling is None else float(scaling))
+                         None if scaling is None else float(scaling), spatial)
 
 
 def load_transformer(path, dtype=None, device="cpu", text_len: int | None = None):
     """-> (CogVideoXTransformer3DModel, ComponentInfo). `text_len`: the number of text tokens the model will see
     (T5 length + stabilizer tokens, e.g. 226 + 4); sin-cos (2B-style) models have their text positions sized to it.
     dtype None keeps the stored dtype (float8 storage computes in bfloat16)."""
-    layout, where, config, weights, scaling = find_transformer(existing(path))
+    layout, where, config, weights, vae = find_transformer(existing(path))
     config = _with_text_len(config, text_len, where)
     model = _build(lambda: CogVideoXTransformer3DModel.from_config(config), weights, dtype, device, str(where))
-    return model, transformer_info(layout, where, config, model.dtype, scaling)
+    return model, transformer_info(layout, where, config, model.dtype, vae)
 
 
 # ---- VAE -------------------------------------------------------------------------------------------------

@@ -63,8 +63,8 @@ def _describe_file(path: Path) -> dict:
 
 
 def _describe_transformer(path: Path) -> dict:
-    layout, where, config, weights, scaling = find_transformer(path)
-    return transformer_info(layout, where, config, weights.stored_dtype(), scaling).to_dict()
+    layout, where, config, weights, vae = find_transformer(path)
+    return transformer_info(layout, where, config, weights.stored_dtype(), vae).to_dict()
 
 
 def _describe_vae(path: Path) -> dict:

@@ -23,6 +23,7 @@ from .variants import FUSER_FILE, T5_TEXT_LEN
 from .weights import existing, read_file
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+DEMO_T5_ONLY_DIR = DEMO_MODEL_DIR / "t5_only"  # the bundled T5-only arm: its transformer/, sharing the rest
 
 
 def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None = None, fuser_path=None,
@@ -120,9 +121,10 @@ def save_pipeline(pipe: MimirPipeline, folder) -> None:
         save_fuser(pipe.fuser, folder / FUSER_FILE)
 
 
-def save_single_file(model, path, vae_scaling_factor: float | None = None) -> None:
+def save_single_file(model, path, vae_scaling_factor: float | None = None, vae_spatial_factor: int = 8) -> None:
     """A ComfyUI-style single file (diffusers / transformers key names) with the config in the safetensors
-    metadata, written atomically. For a transformer, `vae_scaling_factor` records the VAE it works with."""
+    metadata, written atomically. For a transformer, `vae_scaling_factor` and `vae_spatial_factor` record the VAE
+    it works with."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: single files are written as .safetensors")
@@ -141,6 +143,8 @@ def save_single_file(model, path, vae_scaling_factor: float | None = None) -> No
     metadata = {"format": "pt", "mimir_kind": kind, "config": config}
     if vae_scaling_factor is not None:
         metadata["vae_scaling_factor"] = str(float(vae_scaling_factor))
+    if vae_spatial_factor != 8:
+        metadata["vae_spatial_factor"] = str(int(vae_spatial_factor))
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)

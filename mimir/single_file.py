@@ -62,8 +62,9 @@ def _metadata_config(weights: Weights, path: Path, cls) -> dict | None:
     return config
 
 
-def read_transformer(path: Path) -> tuple[dict, Weights, float | None]:
-    """-> (full config, weights, scaling factor of the VAE it works with, or None when unknown)."""
+def read_transformer(path: Path) -> tuple[dict, Weights, tuple[float | None, int]]:
+    """-> (full config, weights, (scaling factor of the VAE it works with or None when unknown, its spatial
+    factor: 8 unless the file records another))."""
     weights = _read_kind(path, "transformer")
     config = _metadata_config(weights, path, CogVideoXTransformer3DModel)
     if config is None:
@@ -71,7 +72,7 @@ def read_transformer(path: Path) -> tuple[dict, Weights, float | None]:
     config = full_config(CogVideoXTransformer3DModel, config)
     scaling = weights.metadata.get("vae_scaling_factor")
     scaling = float(scaling) if scaling else VAE_SCALING_FACTORS.get(match_variant(config))
-    return config, weights, scaling
+    return config, weights, (scaling, int(weights.metadata.get("vae_spatial_factor", 8)))
 
 
 def vae_config_from_shapes(shapes: dict[str, tuple], where: str = "checkpoint") -> dict:

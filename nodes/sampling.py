@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from ..mimir.codec import VideoCodec, comfy_latent, diffusion_latent
-from ..mimir.sampler import VAE_SPATIAL, VAE_TEMPORAL, Sampler, TextStream, check_video_size
+from ..mimir.sampler import VAE_TEMPORAL, Sampler, TextStream, check_video_size
 from ..mimir.speed import STEP_CACHES, StepCache
 from ..mimir.variants import SCHEDULERS
 from . import comfy_services as services
@@ -69,12 +69,14 @@ def _batched(streams: list[TextStream] | None, batch: int) -> list[TextStream] |
 def _init_latents(latent, model, frames: int, height: int, width: int) -> torch.Tensor:
     """LATENT (VAE space, [B, C, T, h, w]) -> diffusion-space latents [B, T, C, h, w] for the requested video."""
     samples = latent["samples"] if isinstance(latent, dict) and "samples" in latent else None
-    want = [model.transformer.config.in_channels, (frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL,
-            width // VAE_SPATIAL]
+    spatial = model.info.vae_spatial_factor
+    want = [model.transformer.config.in_channels, (frames - 1) // VAE_TEMPORAL + 1, height // spatial,
+            width // spatial]
     if not torch.is_tensor(samples) or samples.ndim != 5 or list(samples.shape[1:]) != want:
         got = list(samples.shape) if torch.is_tensor(samples) else type(latent).__name__
         raise ValueError(f"latent: got {got} but width {width}, height {height}, frames {frames} need video latents "
-                         f"[B, {', '.join(map(str, want))}] ([B, C, T, H/8, W/8]); set the size to the input video's")
+                         f"[B, {', '.join(map(str, want))}] ([B, C, T, H/{spatial}, W/{spatial}]); set the size to the "
+                         f"input video's")
     return diffusion_latent(samples, model.info.vae_scaling_factor)
 
 
@@ -174,7 +176,8 @@ class MimirSampler:
         init = None if latent is None else _init_latents(latent, model, frames, height, width)
         if init is not None:
             cond, uncond = _batched(cond, init.shape[0]), _batched(uncond, init.shape[0])
-        sampler = Sampler(model.transformer, model.scheduler, services.placement())
+        sampler = Sampler(model.transformer, model.scheduler, services.placement(),
+                          spatial=model.info.vae_spatial_factor)
         sampler.use_scheduler(scheduler)
         sampler.step_cache = _step_cache(step_cache, step_cache_setting)
         bar = services.progress_bar(steps)

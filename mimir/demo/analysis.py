@@ -22,6 +22,10 @@
    circle (isotropic), and Gaussian blur changes neither fourth-moment term relative to the other, so it
    survives blur far better than a fill ratio of the bounding box. At or above SQUARENESS it is a square.
 
+`steady(frames)` says whether the objects keep their number and size over the clip: in every frame the number
+of components equals the median frame's, and the total component area is within +-35% of the median frame's
+(a clip whose objects split, merge, fade or grow is not steady).
+
 `parse_caption(caption)` returns the same keys from a caption of the world, so a benchmark compares the two.
 """
 
@@ -42,6 +46,7 @@ STILL_FRACTION = 0.1  # of the frame side; the world moves objects 0.32 of it
 BRIGHTNESS = (0.5, 1.5)  # range of the brightness scaling allowed when matching a palette colour
 TRIANGLE_SKEW = -0.12  # between triangle -0.57 (-0.2 after strong blur) and circle or square 0
 SQUARENESS = 0.15  # between circle 0 and square 1, nearer the circle: blur rounds a square's corners
+STEADY_AREA = 0.35  # steady(): largest change of the total object area from its median frame, as a share
 
 
 def _as_array(frames) -> np.ndarray:
@@ -147,15 +152,20 @@ def direction_of(centroids: np.ndarray, times: np.ndarray, side: int) -> str:
     return "down" if dy > 0 else "up"
 
 
-def analyse(frames) -> dict:
-    """{"colour", "direction", "count", "shape"} read off frames [F, H, W, 3]; all None if no object is seen."""
+def _objects(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, list[list[np.ndarray]]]:
+    """Steps 1-3 of the module docstring: (float frames, background, distance, peak, per-frame components)."""
     frames = _as_array(frames)
     background = background_colour(frames)
     mask, distance, peak = object_mask(frames, background)
-    components = frame_components(label_components(mask))
+    return frames, background, distance, peak, frame_components(label_components(mask))
+
+
+def analyse(frames) -> dict:
+    """{"colour", "direction", "count", "shape"} read off frames [F, H, W, 3]; all None if no object is seen."""
+    frames, background, distance, peak, components = _objects(frames)
     if not any(components):
         return {"colour": None, "direction": None, "count": None, "shape": None}
-    kept = np.stack([np.any(c, axis=0) if c else np.zeros(mask.shape[1:], bool) for c in components])
+    kept = np.stack([np.any(c, axis=0) if c else np.zeros(frames.shape[1:3], bool) for c in components])
     core = kept & (distance >= CORE * peak)
     colour = nearest_colour(frames[core if core.any() else kept].mean(axis=0), background)
 
@@ -171,6 +181,17 @@ def analyse(frames) -> dict:
 
     shape = shape_of(components, np.clip(distance / peak, 0, 1))
     return {"colour": colour, "direction": direction, "count": count, "shape": shape}
+
+
+def steady(frames, tolerance: float = STEADY_AREA) -> bool:
+    """Whether objects neither split, merge, fade nor grow: every frame shows the same number of components as
+    the median frame, and a total component area within +-tolerance of the median frame's."""
+    components = _objects(frames)[4]
+    counts = np.array([len(c) for c in components])
+    areas = np.array([sum(int(c.sum()) for c in frame) for frame in components], dtype=np.float64)
+    median_area = np.median(areas)
+    return bool(median_area > 0 and (counts == np.median(counts)).all()
+                and (np.abs(areas - median_area) <= tolerance * median_area).all())
 
 
 def _motion_keywords() -> dict[str, str]:

@@ -1,22 +1,21 @@
-"""Build the bundled demo model from scratch: `python -m mimir.demo.build [--quick] [--no-fuser] [--out DIR]`.
+"""Build the bundled demo model from scratch: `python -m mimir.demo.build --out DIR [--quick] [--jobs 2]`.
 
 Every stage is seeded; the same command gives the same model (up to float reduction order across CPUs).
-1. world: render the training clips of `world.py` (train split only) to mp4 files + captions.jsonl.
-2. vae: train a CogVideoX-architecture VAE (4 blocks: 8x spatial, 4x temporal compression) for reconstruction
-   on the same clips rendered at half size; its scaling factor is 1 / std of the latents.
-3. text: word-level tokenizers from the caption vocabulary; a T5 encoder left at its seeded random init (the
-   DiT learns to read it); a Phi-3 causal LM briefly trained on chat-formatted training captions, so that its
-   answer tokens restate the prompt canonically and each instruction token predicts one attribute.
-4. init: a fresh CogVideoX DiT (rotary positions, as 5B) and a fresh token fuser, saved with the parts above as
-   an ordinary Mimir pipeline folder (mimir.loading.save_pipeline).
-5. cache + train: the project's own training loop (mimir.train) caches VAE latents and text features once,
-   then trains the DiT and the fuser end to end.
-6. the trained DiT and fuser replace the fresh ones, and the folder is written to `--out`.
+text stage:
+1. world: render the training clips of `world.py` (train split only, narrow captions) to mp4 + captions.jsonl.
+2. vae: train a CogVideoX-architecture VAE (3 blocks: 4x spatial, 4x temporal compression) for reconstruction;
+   its scaling factor is 1 / std of the latents. Its round trip is read by the analysis (build.json "checks").
+3. text: word-level tokenizers over the caption and corpus vocabulary; both encoders pretrained on the same text
+   corpus (`corpus.py`), each with its own real objective: T5 by span-corruption denoising, the Phi-3 causal LM
+   by next-token prediction plus the fuser's four instruction answers and a plain-words restatement.
+4. init: a fresh CogVideoX DiT (rotary positions, as 5B) and a fresh token fuser per arm, saved with the parts
+   above as ordinary Mimir pipeline folders (mimir.loading.save_pipeline).
+mimir / t5-only stages: the project's own training loop (mimir.train) caches VAE latents and text features,
+   then trains the DiT and the fuser end to end (mimir), or the DiT alone on the T5 stream (t5-only: the fuser
+   keeps its zero init, so the DiT reads exactly what plain CogVideoX reads). Same DiT init, steps and seed.
+write stage: the Mimir arm as a pipeline folder at `--out`, the T5-only DiT in `--out`/t5_only/transformer/.
 
-`--no-fuser` is the ablation arm: the fuser keeps its zero init (fuser_lr 0, no stabilizer tokens, no answer
-tokens), so the DiT reads exactly the T5 stream, as plain CogVideoX does. `--reuse MODEL` takes the VAE,
-tokenizers, T5 and LLM from an existing model folder instead of training them (the benchmark's ablation uses
-it with the bundled model, so both arms share everything but the fuser).
+`--reuse MODEL` takes the VAE, tokenizers, T5 and LLM from an existing model folder instead of training them.
 """
 
 from __future__ import annotations
@@ -34,18 +33,18 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-from transformers import Phi3Config, Phi3ForCausalLM, T5Config, T5EncoderModel
+from transformers import Phi3Config, Phi3ForCausalLM, T5Config, T5EncoderModel, T5ForConditionalGeneration
 
-from ..components import load_scheduler, load_token_fuser, load_transformer
+from ..components import load_scheduler, load_transformer
 from ..fuser import DEFAULT_INSTRUCTIONS, FuserConfig, TokenFuser
-from ..loading import DEMO_MODEL_DIR, load_pipeline, save_pipeline
+from ..loading import DEMO_MODEL_DIR, DEMO_T5_ONLY_DIR, load_pipeline, save_pipeline
 from ..pipeline import MimirPipeline
 from ..text import chat_template_parts, text_ids
 from . import DEMO_GUIDANCE, DEMO_STEPS
+from .analysis import analyse
+from .corpus import corpus_vocabulary, documents, plain_text, understanding_prompts
 from .tokenizers import word_tokenizer
-from .world import COUNT_WORDS, PLURALS, caption_vocabulary, make_caption, make_dataset, render, write_dataset
-
-ANSWER_WORDS = {v: k for k, v in COUNT_WORDS.items() if k in ("one", "two", "three")}  # 1 -> "one", ...
+from .world import caption_vocabulary, heldout_prompts, make_caption, make_dataset, render, write_dataset
 
 
 @dataclass
@@ -55,26 +54,31 @@ class Recipe:
     seed: int = 0
     clips: int = 2000  # training clips of the world (train split)
     frames: int = 9  # 8k+1; 3 latent frames
-    size: int = 64  # square frames; 8 x 8 latents
-    # VAE (AutoencoderKLCogVideoX, layers_per_block 1)
-    vae_channels: tuple[int, ...] = (8, 16, 32, 32)
+    size: int = 48  # square frames; 12 x 12 latents
+    # VAE (AutoencoderKLCogVideoX, layers_per_block 1); one block per channel count: 3 blocks = 4x spatial
+    vae_channels: tuple[int, ...] = (8, 16, 32)
     latent_channels: int = 8
     vae_image_steps: int = 600  # single frames
     vae_image_batch: int = 16
     vae_steps: int = 300  # whole clips
     vae_batch: int = 8
-    vae_size: int = 32  # the VAE trains on the same scenes rendered smaller (4x cheaper) and runs at `size`
+    vae_size: int = 48  # the size the VAE trains at (a convolutional VAE runs at any multiple of its factor)
     vae_lr: float = 2e-3
     vae_kl: float = 1e-2  # per latent element; a smooth latent space keeps the DiT's small errors small in pixels
-    # text encoders
+    # text encoders, pretrained on the same text corpus (corpus.py), each with its own objective
+    corpus_documents: int = 20000
     t5_dim: int = 64
+    t5_sentinels: int = 8  # <extra_id_k> span markers
+    t5_steps: int = 1500  # span-corruption denoising
+    t5_batch: int = 64
+    t5_lr: float = 3e-3
     llm_dim: int = 64
-    llm_steps: int = 250
+    llm_steps: int = 1500  # next-token prediction + instruction answers
     llm_batch: int = 64
     llm_lr: float = 3e-3
     # fuser
-    fuser: bool = True  # False: the ablation arm (see the module docstring)
-    text_len: int = 24  # T5 length n: captions are at most 8 words + </s>
+    fuser: bool = True  # False: the T5-only arm (see the module docstring)
+    text_len: int = 24  # T5 length n: prompts are at most 8 words + </s>
     answer_tokens: int = 12  # the canonical restatement is at most 8 words + <|end|>
     # DiT (CogVideoXTransformer3DModel, rotary positions as in 5B)
     dit_layers: int = 4
@@ -85,21 +89,27 @@ class Recipe:
     dit_steps: int = 5000
     dit_batch: int = 16
     dit_lr: float = 1e-3
+    dit_ema: float = 0.999
     fuser_lr: float = 1e-3
+    t5_dropout: float = 0.3  # fuser arm: T5 branch alone replaced by the empty prompt's (as SD3 drops encoders)
 
     @classmethod
     def quick(cls, **changes) -> Recipe:
         """A few steps of every stage on a tiny dataset: proves the recipe end to end in seconds."""
-        small = dict(clips=8, vae_image_steps=2, vae_image_batch=2, vae_steps=2, vae_batch=2, llm_steps=2,
-                     llm_batch=8, dit_steps=2, dit_batch=2)
+        small = dict(clips=8, vae_image_steps=2, vae_image_batch=2, vae_steps=2, vae_batch=2, corpus_documents=64,
+                     t5_steps=2, t5_batch=8, llm_steps=2, llm_batch=8, dit_steps=2, dit_batch=2)
         return cls(**{**small, **changes})
 
     def fuser_config(self) -> FuserConfig:
-        """The full fuser, or for the ablation arm one that passes T5 through (no LLM tokens of any kind)."""
+        """The full fuser, or for the T5-only arm one that passes T5 through (no LLM tokens of any kind)."""
         instructions = DEFAULT_INSTRUCTIONS if self.fuser else ()
         return FuserConfig(t5_dim=self.t5_dim, llm_dim=self.llm_dim, text_len=self.text_len,
                            stabilizer_tokens=len(instructions), instructions=instructions,
                            answer_tokens=self.answer_tokens if self.fuser else 0)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
 
 
 # ---- 1. world ---------------------------------------------------------------------------------------------
@@ -124,7 +134,8 @@ def make_vae(recipe: Recipe) -> AutoencoderKLCogVideoX:
     torch.manual_seed(recipe.seed)
     return AutoencoderKLCogVideoX(
         in_channels=3, out_channels=3, latent_channels=recipe.latent_channels,
-        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        down_block_types=("CogVideoXDownBlock3D",) * len(recipe.vae_channels),
+        up_block_types=("CogVideoXUpBlock3D",) * len(recipe.vae_channels),
         block_out_channels=recipe.vae_channels, layers_per_block=1, norm_num_groups=2,
         temporal_compression_ratio=4, sample_height=recipe.size, sample_width=recipe.size)
 
@@ -195,21 +206,60 @@ def _warmup_cosine(total: int, warmup: int = 20):
 
 # ---- 3. text encoders -------------------------------------------------------------------------------------
 
-def make_tokenizers():
-    """(T5 tokenizer, LLM tokenizer): word level; the LLM's also knows the instruction words."""
-    instruction_words = [w for text in DEFAULT_INSTRUCTIONS for w in text.lower().replace(".", " .").split()]
-    words = caption_vocabulary()
-    return word_tokenizer(words, kind="t5"), word_tokenizer(words + instruction_words, kind="llm")
+def make_tokenizers(recipe: Recipe):
+    """(T5 tokenizer, LLM tokenizer): word level over the caption and corpus vocabulary (the LLM's also knows the
+    instruction words; T5's has its sentinels)."""
+    words = sorted(set(caption_vocabulary()) | set(corpus_vocabulary()))
+    return (word_tokenizer(words, kind="t5", extra_ids=recipe.t5_sentinels), word_tokenizer(words, kind="llm"))
 
 
-def make_t5(recipe: Recipe, tokenizer) -> T5EncoderModel:
-    """A T5 encoder at its seeded random init: frozen like the real one, and the DiT learns to read it."""
+def t5_config(recipe: Recipe, tokenizer) -> T5Config:
+    return T5Config(vocab_size=len(tokenizer), d_model=recipe.t5_dim, d_kv=16, d_ff=2 * recipe.t5_dim,
+                    num_layers=2, num_decoder_layers=2, num_heads=recipe.t5_dim // 16,
+                    relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+
+
+def span_corruption(ids: list[int], sentinels: list[int], eos: int, rng: random.Random,
+                    noise: float = 0.15, mean_span: int = 3) -> tuple[list[int], list[int]]:
+    """T5's objective on one text: (input with each masked span replaced by the next sentinel,
+    target = each sentinel followed by the tokens it hides, then </s>)."""
+    masked = [False] * len(ids)
+    want = max(1, round(noise * len(ids)))
+    while sum(masked) < want:
+        start, length = rng.randrange(len(ids)), rng.randint(1, 2 * mean_span - 1)
+        masked[start:start + length] = [True] * len(masked[start:start + length])
+    inputs, target, k = [], [], -1
+    for i, (token, hide) in enumerate(zip(ids, masked)):
+        if hide and (i == 0 or not masked[i - 1]):
+            k += 1
+            inputs.append(sentinels[min(k, len(sentinels) - 1)])
+            target.append(sentinels[min(k, len(sentinels) - 1)])
+        (target if hide else inputs).append(token)
+    return inputs + [eos], target + [eos]
+
+
+def pretrain_t5(recipe: Recipe, tokenizer, docs: list[dict], log=print) -> T5EncoderModel:
+    """Span-corruption denoising of the corpus (encoder + decoder, as T5 is pretrained); the encoder is kept.
+    Inputs are padded to text_len and read without a mask, as CogVideoX runs T5."""
     torch.manual_seed(recipe.seed + 1)
-    config = T5Config(vocab_size=len(tokenizer), d_model=recipe.t5_dim, d_kv=16, d_ff=2 * recipe.t5_dim,
-                      num_layers=2, num_heads=recipe.t5_dim // 16, relative_attention_num_buckets=8,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      decoder_start_token_id=tokenizer.pad_token_id)
-    return T5EncoderModel(config).eval()
+    model = T5ForConditionalGeneration(t5_config(recipe, tokenizer)).train()
+    texts = [text_ids(tokenizer, plain_text(doc))[:recipe.text_len - 1] for doc in docs]
+    sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{k}>" for k in range(recipe.t5_sentinels)])
+    pad, rng = tokenizer.pad_token_id, random.Random(recipe.seed + 1)
+
+    def batch_loss() -> torch.Tensor:
+        pairs = [span_corruption(ids, sentinels, tokenizer.eos_token_id, rng) for ids in rng.sample(texts, recipe.t5_batch)]
+        inputs = torch.tensor([_pad(x, pad, recipe.text_len) for x, _ in pairs])
+        longest = max(len(y) for _, y in pairs)
+        labels = torch.tensor([_pad(y, -100, longest) for _, y in pairs])
+        return model(input_ids=inputs, labels=labels).loss
+
+    _fit(model, "t5", recipe.t5_steps, recipe.t5_lr, batch_loss, log)
+    encoder = T5EncoderModel(model.config)
+    missing, _ = encoder.load_state_dict(model.state_dict(), strict=False)  # the decoder is dropped
+    assert not missing, missing
+    return encoder.eval()
 
 
 def make_llm(recipe: Recipe, tokenizer) -> Phi3ForCausalLM:
@@ -222,62 +272,96 @@ def make_llm(recipe: Recipe, tokenizer) -> Phi3ForCausalLM:
     return Phi3ForCausalLM(config)
 
 
-def llm_lessons(spec, instructions=DEFAULT_INSTRUCTIONS) -> list[tuple[str, str, str]]:
-    """(caption, instruction, answer) triples the LLM learns for one clip spec, laid out as LLMTextEncoder feeds
-    it: after the chat-wrapped caption, restate the caption canonically (the answer tokens); after the caption and
-    an instruction, name one attribute (motion, colour, shape, number: the instruction tokens)."""
-    canonical = make_caption(spec.shape, spec.colour, spec.motion, spec.count)
-    noun = spec.shape if spec.count == 1 else PLURALS[spec.shape]
-    answers = (spec.motion, spec.colour, noun, ANSWER_WORDS[spec.count])
-    return [(spec.caption, "", canonical)] + [(spec.caption, i, a) for i, a in zip(instructions, answers)]
-
-
-def lesson_ids(tokenizer, template: tuple[list[int], list[int]], caption: str, instruction: str,
-               answer: str) -> tuple[list[int], list[int]]:
-    """(input ids, labels): prefix + caption + suffix + instruction, as LLMTextEncoder builds them (no loss), then
-    the answer and end-of-turn (loss). template: chat_template_parts(tokenizer)."""
+def llm_example(tokenizer, template: tuple[list[int], list[int]], doc: dict) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one corpus document. Text: next-token prediction over all of it. An instruction
+    answer: laid out as LLMTextEncoder feeds the LLM (chat-wrapped prompt, then the instruction; "" asks for the
+    answer tokens), loss on the answer and end-of-turn only. template: chat_template_parts(tokenizer)."""
+    if "text" in doc:
+        ids = [tokenizer.bos_token_id] + text_ids(tokenizer, f"{doc['text']} {tokenizer.eos_token}")
+        return ids, ids
     prefix, suffix = template
-    context = prefix + text_ids(tokenizer, caption) + suffix + text_ids(tokenizer, instruction)
-    answer_ids = text_ids(tokenizer, f"{answer} {tokenizer.eos_token}")
-    return context + answer_ids, [-100] * len(context) + answer_ids
+    context = prefix + text_ids(tokenizer, doc["prompt"]) + suffix + text_ids(tokenizer, doc["instruction"])
+    answer = text_ids(tokenizer, f"{doc['answer']} {tokenizer.eos_token}")
+    return context + answer, [-100] * len(context) + answer
 
 
-def train_llm(recipe: Recipe, tokenizer, log=print) -> Phi3ForCausalLM:
-    """Brief training on chat-formatted training-split captions (and the empty prompt), loss on answers only."""
+def train_llm(recipe: Recipe, tokenizer, docs: list[dict], log=print) -> Phi3ForCausalLM:
+    """Next-token prediction on the corpus texts plus its instruction answers (and the empty prompt, which
+    guidance encodes)."""
     llm = make_llm(recipe, tokenizer).train()
-    specs = make_dataset(max(recipe.llm_batch, recipe.clips), recipe.seed + 3, "train")
     template = chat_template_parts(tokenizer)
-    lessons = [lesson_ids(tokenizer, template, *lesson) for spec in specs for lesson in llm_lessons(spec)]
-    lessons += [lesson_ids(tokenizer, template, "", "", "")] * (len(lessons) // 50)  # the empty prompt (guidance)
-    optimizer = torch.optim.AdamW(llm.parameters(), lr=recipe.llm_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(recipe.llm_steps))
+    examples = [llm_example(tokenizer, template, doc) for doc in docs]
+    examples += [llm_example(tokenizer, template, {"prompt": "", "instruction": "", "answer": ""})] * (len(examples) // 50)
     rng = random.Random(recipe.seed)
-    for step in range(recipe.llm_steps):
-        batch = rng.sample(lessons, recipe.llm_batch)
+
+    def batch_loss() -> torch.Tensor:
+        batch = rng.sample(examples, recipe.llm_batch)
         longest = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([_pad(ids, tokenizer.pad_token_id, longest) for ids, _ in batch])
         labels = torch.tensor([_pad(labels, -100, longest) for _, labels in batch])
         mask = torch.tensor([_pad([1] * len(ids), 0, longest) for ids, _ in batch])
-        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    _fit(llm, "llm", recipe.llm_steps, recipe.llm_lr, batch_loss, log)
+    return llm.eval()
+
+
+def _fit(model: torch.nn.Module, name: str, steps: int, lr: float, batch_loss, log) -> None:
+    """AdamW with warm-up and cosine decay over `steps` steps of batch_loss() (a text encoder's objective)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
+    for step in range(steps):
+        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        if (step + 1) % 50 == 0 or step + 1 == recipe.llm_steps:
-            log(f"llm step {step + 1}/{recipe.llm_steps}: loss {loss.item():.4f}")
-    return llm.eval()
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            log(f"{name} step {step + 1}/{steps}: loss {loss.item():.4f}")
 
 
 def _pad(row: list[int], value: int, length: int) -> list[int]:
     return row + [value] * (length - len(row))
 
 
-# ---- 4. the initial pipeline ------------------------------------------------------------------------------
+# ---- checks of the frozen parts (logged and kept in build.json) -------------------------------------------
+
+@torch.no_grad()
+def vae_round_trip(recipe: Recipe, vae: AutoencoderKLCogVideoX, clips: int = 40) -> dict:
+    """Share of held-out clips whose VAE reconstruction the frame analysis still reads right, per attribute:
+    the ceiling of what the DiT can show."""
+    specs = make_dataset(clips, recipe.seed, "heldout")
+    hits = {name: 0 for name in ("colour", "direction", "count", "shape")}
+    for spec in specs:
+        x = render(spec, recipe.frames, recipe.size).permute(3, 0, 1, 2)[None] * 2 - 1
+        frames = ((vae.decode(vae.encode(x).latent_dist.mode()).sample[0] + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0)
+        found = analyse(frames)
+        for name in hits:
+            hits[name] += found[name] == spec.attributes()[name]
+    return {name: round(count / clips, 3) for name, count in hits.items()}
+
+
+@torch.no_grad()
+def restatement_accuracy(llm: Phi3ForCausalLM, tokenizer, prompts: list[dict]) -> float:
+    """Share of prompts whose greedy answer (what becomes the fuser's answer tokens) is the canonical caption."""
+    prefix, suffix = chat_template_parts(tokenizer)
+    right = 0
+    for item in prompts:
+        ids = torch.tensor([prefix + text_ids(tokenizer, item["prompt"]) + suffix])
+        out = llm.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+        answer = tokenizer.decode(out, skip_special_tokens=True).strip()
+        right += answer == make_caption(item["shape"], item["colour"], item["direction"], item["count"])
+    return round(right / len(prompts), 3)
+
+
+# ---- 4. the initial pipelines -----------------------------------------------------------------------------
 
 def make_transformer(recipe: Recipe) -> CogVideoXTransformer3DModel:
-    """A fresh CogVideoX DiT (5B layout: rotary positions) for recipe.size frames: 8x smaller latents."""
+    """A fresh CogVideoX DiT (5B layout: rotary positions) for recipe.size frames (latents vae_factor smaller).
+    Both arms start from the same weights: the seed is the same and the text length only sizes a buffer."""
     torch.manual_seed(recipe.seed + 4)
-    width, latent = recipe.dit_heads * recipe.dit_head_dim, recipe.size // 8
+    width, latent = recipe.dit_heads * recipe.dit_head_dim, recipe.size // recipe.vae_factor
     return CogVideoXTransformer3DModel(
         num_attention_heads=recipe.dit_heads, attention_head_dim=recipe.dit_head_dim,
         in_channels=recipe.latent_channels, out_channels=recipe.latent_channels, time_embed_dim=width,
@@ -292,116 +376,163 @@ def make_fuser(recipe: Recipe) -> TokenFuser:
     return TokenFuser(recipe.fuser_config()).eval()
 
 
-def frozen_parts(recipe: Recipe, reuse: Path | None, log=print) -> dict:
-    """VAE, tokenizers, T5 and LLM: trained here, or taken from the model folder `reuse`."""
+def frozen_parts(recipe: Recipe, reuse: Path | None, log=print) -> tuple[dict, dict]:
+    """(VAE, tokenizers, T5 and LLM; their checks): trained here, or taken from the model folder `reuse`."""
     if reuse is not None:
         pipe = load_pipeline(reuse)
         log(f"reusing the VAE, tokenizers, T5 and LLM of {reuse}")
         return dict(vae=pipe.vae, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, llm=pipe.llm,
-                    llm_tokenizer=pipe.llm_tokenizer)
+                    llm_tokenizer=pipe.llm_tokenizer), {}
     vae = train_vae(recipe, vae_clips(recipe, recipe.vae_size), log)
-    t5_tokenizer, llm_tokenizer = make_tokenizers()
-    return dict(vae=vae, tokenizer=t5_tokenizer, text_encoder=make_t5(recipe, t5_tokenizer),
-                llm=train_llm(recipe, llm_tokenizer, log), llm_tokenizer=llm_tokenizer)
+    checks = {"vae_round_trip_heldout": vae_round_trip(recipe, vae)}
+    log(f"VAE round trip on held-out clips, read by the analysis: {checks['vae_round_trip_heldout']}")
+    t5_tokenizer, llm_tokenizer = make_tokenizers(recipe)
+    docs = documents(recipe.corpus_documents, recipe.seed)
+    t5 = pretrain_t5(recipe, t5_tokenizer, docs, log)
+    llm = train_llm(recipe, llm_tokenizer, docs, log)
+    checks["llm_restates_understanding_prompts"] = restatement_accuracy(llm, llm_tokenizer, understanding_prompts())
+    checks["llm_restates_heldout_captions"] = restatement_accuracy(llm, llm_tokenizer, heldout_prompts())
+    log(f"checks: {checks}")
+    return dict(vae=vae, tokenizer=t5_tokenizer, text_encoder=t5, llm=llm, llm_tokenizer=llm_tokenizer), checks
 
 
-# ---- 5. cache + training with mimir.train -----------------------------------------------------------------
+# ---- 5. cache + training with mimir.train, one run per arm ------------------------------------------------
+
+ARMS = ("mimir", "t5-only")
+
+
+def arm_recipe(recipe: Recipe, arm: str) -> Recipe:
+    """The T5-only arm: the fuser keeps its zero init (fuser_lr 0, no stabilizer, instruction or answer tokens),
+    so its DiT reads exactly the T5 stream, as plain CogVideoX does."""
+    return dataclasses.replace(recipe, fuser=arm == "mimir")
+
 
 def train_config(recipe: Recipe, init: Path, captions: Path, work: Path):
     from ..train import TrainConfig
 
     return TrainConfig(
         model=str(init), data=str(captions), cache=str(work / "cache"), output_dir=str(work / "run"),
-        num_frames=recipe.frames, height=recipe.size, width=recipe.size, text_dropout=0.1, num_workers=0,
+        num_frames=recipe.frames, height=recipe.size, width=recipe.size, text_dropout=0.1,
+        t5_dropout=recipe.t5_dropout if recipe.fuser else 0.0, num_workers=0,
         cache_shard_size=16, max_steps=recipe.dit_steps, batch_size=recipe.dit_batch, lr=recipe.dit_lr,
         fuser_lr=recipe.fuser_lr if recipe.fuser else 0.0, weight_decay=1e-4, optimizer="adamw",
-        warmup_steps=min(100, recipe.dit_steps // 10), lr_schedule="cosine", seed=recipe.seed, device="cpu",
-        log_every=max(1, min(100, recipe.dit_steps // 10)), tensorboard=False, checkpoint_every=0,
-        keep_checkpoints=1, export=True)
+        warmup_steps=min(100, recipe.dit_steps // 10), lr_schedule="cosine", ema_decay=recipe.dit_ema,
+        seed=recipe.seed, device="cpu", log_every=max(1, min(100, recipe.dit_steps // 10)), tensorboard=False,
+        checkpoint_every=0, keep_checkpoints=1, export=True)
 
 
-def train_dit(recipe: Recipe, init: Path, captions: Path, work: Path, log=print) -> dict:
-    """Feature cache, then the DiT + fuser training run. -> the run summary (its `export` holds the files)."""
+def train_arm(recipe: Recipe, arm: str, work: Path, threads: int | None = None, log=print) -> dict:
+    """Feature cache, then the DiT (+ fuser) run of one arm in work/<arm>/ from work/init-<arm>.
+    -> {"seconds", "dit_loss"}; the trained files are in work/<arm>/run/export/."""
     from ..train import build_cache, train
 
-    config = train_config(recipe, init, captions, work)
+    if threads:  # arms in parallel: one thread each (also keeps each run's float order fixed)
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    config = train_config(arm_recipe(recipe, arm), work / f"init-{arm}", work / "clips" / "captions.jsonl", work / arm)
     cache = build_cache(config, progress=False)
-    log(f"cached {cache['clips']} clips")
+    log(f"[{arm}] cached {cache['clips']} clips")
     summary = train(config, progress=False)
-    log(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
-    return summary
+    log(f"[{arm}] trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    return {"seconds": round(time.perf_counter() - start, 1), "dit_loss": [summary["first_loss"], summary["final_loss"]]}
 
 
 # ---- the whole build --------------------------------------------------------------------------------------
 
+STAGES = ("text", *ARMS, "write")
+
+
 def build(recipe: Recipe, out: Path = DEMO_MODEL_DIR, work: Path | None = None, reuse: Path | None = None,
-          log=print) -> dict:
-    """Run every stage and write the model folder `out` (replaced). -> build info (also out/build.json)."""
+          stages=STAGES, jobs: int = 1, log=print) -> dict:
+    """Run the stages and write the model folder `out` (replaced): the Mimir arm as a pipeline folder, the T5-only
+    arm's DiT in out/t5_only/. A stage reads what the earlier ones left in `work`, so stages can run one at a
+    time with the same --work. jobs=2 trains the two arms at once, one thread each. -> build info."""
     out = Path(out)
     temporary = work is None
     work = Path(tempfile.mkdtemp(prefix="mimir-demo-build-") if temporary else work)
-    times, start = {}, time.perf_counter()
-
-    def stage(name: str, since: float) -> float:
-        times[name] = round(time.perf_counter() - since, 1)
-        log(f"[{name}] {times[name]} s")
-        return time.perf_counter()
-
+    work.mkdir(parents=True, exist_ok=True)
+    info_path = work / "build.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"seconds": {}}
+    info.update(recipe=dataclasses.asdict(recipe), reuse=str(reuse) if reuse else None)
     try:
-        t = time.perf_counter()
-        captions = write_world(recipe, work / "clips")
-        t = stage("world", t)
-        parts = frozen_parts(recipe, reuse, log)
-        t = stage("vae+text" if reuse is None else "reuse", t)
-        pipe = MimirPipeline(transformer=make_transformer(recipe), scheduler=load_scheduler("ddim", variant="5b"),
-                             fuser=make_fuser(recipe), **parts)
-        save_pipeline(pipe, work / "init")
-        summary = train_dit(recipe, work / "init", captions, work, log)
-        t = stage("cache+dit", t)
-        pipe.fuser = load_token_fuser(summary["export"]["fuser"])[0]
-        pipe.transformer = load_transformer(summary["export"]["transformer"],
-                                            text_len=pipe.fuser.config.out_len)[0].eval()
-        info = {"recipe": dataclasses.asdict(recipe), "reuse": str(reuse) if reuse else None,
-                "seconds": times, "total_seconds": round(time.perf_counter() - start, 1),
-                "dit_loss": [summary["first_loss"], summary["final_loss"]]}
-        _write_model(pipe, out, info, recipe)
+        if "text" in stages:
+            info["seconds"]["text"], info["checks"] = _text_stage(recipe, work, reuse, log)
+        arms = [arm for arm in ARMS if arm in stages]
+        if jobs > 1 and len(arms) > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(len(arms)) as pool:
+                runs = pool.starmap(train_arm, [(recipe, arm, work, 1) for arm in arms])
+        else:
+            runs = [train_arm(recipe, arm, work, log=log) for arm in arms]
+        for arm, run in zip(arms, runs):
+            info["seconds"][arm], info[f"dit_loss_{arm}"] = run["seconds"], run["dit_loss"]
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        if "write" in stages:
+            info["jobs"] = jobs
+            _write_model(work, out, info, recipe)
         return info
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _text_stage(recipe: Recipe, work: Path, reuse: Path | None, log) -> tuple[float, dict]:
+    """World clips, then the frozen parts, saved with a fresh DiT and fuser as each arm's initial pipeline."""
+    start = time.perf_counter()
+    write_world(recipe, work / "clips")
+    parts, checks = frozen_parts(recipe, reuse, log)
+    for arm in ARMS:
+        r = arm_recipe(recipe, arm)
+        pipe = MimirPipeline(transformer=make_transformer(r), scheduler=load_scheduler("ddim", variant="5b"),
+                             fuser=make_fuser(r), **parts)
+        save_pipeline(pipe, work / f"init-{arm}")
+    seconds = round(time.perf_counter() - start, 1)
+    log(f"[text] world, VAE, tokenizers, T5 and LLM in {seconds} s")
+    return seconds, checks
+
+
 def model_card(recipe: Recipe) -> str:
     """README.md of the model folder: what each part is and how it was made."""
     r, fuser = recipe, recipe.fuser_config()
-    arm = ("DiT + token fuser trained end to end" if r.fuser else
-           "ablation arm: the DiT trained on the T5 stream alone (fuser kept at its zero init)")
-    return f"""# mimir-demo{'' if r.fuser else ' (no-fuser ablation arm)'}
+    return f"""# mimir-demo
 
 A Mimir pipeline at toy size in the ordinary layouts (diffusers CogVideoX folder + `llm/` + `fuser.safetensors`),
-built from scratch by `python -m mimir.demo.build` (recipe and stage timings: `build.json`) on the synthetic
-world of `mimir/demo/world.py`: {r.clips} training clips, {r.size} x {r.size} pixels, {r.frames} frames.
+with its T5-only twin's DiT in `t5_only/`, built from scratch by `python -m mimir.demo.build` (recipe, checks
+and stage timings: `build.json`) on the synthetic world of `mimir/demo/world.py`: {r.clips} training clips,
+{r.size} x {r.size} pixels, {r.frames} frames, captioned in a narrow vocabulary.
 
-- VAE: `AutoencoderKLCogVideoX`, 4 blocks {tuple(r.vae_channels)} (8x spatial, 4x temporal), {r.latent_channels} \
-latent channels; trained for reconstruction ({r.vae_image_steps} single-frame + {r.vae_steps} clip steps).
-- T5: `T5EncoderModel` (d_model {r.t5_dim}), word-level tokenizer of the caption vocabulary; seeded random init.
-- LLM: `Phi3ForCausalLM` (hidden {r.llm_dim}), word-level tokenizer with a chat template; {r.llm_steps} steps \
-on chat-formatted training captions (answer: the caption restated; after each instruction: one attribute word).
-- DiT: `CogVideoXTransformer3DModel`, {r.dit_layers} layers, {r.dit_heads} heads x {r.dit_head_dim}, patch \
-{r.dit_patch}, rotary positions (5B layout); token fuser: text_len {fuser.text_len}, {fuser.stabilizer_tokens} \
-stabilizer tokens, {fuser.answer_tokens} answer tokens. {arm} with `mimir.train` from a feature cache \
-({r.dit_steps} steps, batch {r.dit_batch}, lr {r.dit_lr:g} cosine).
+- VAE: `AutoencoderKLCogVideoX`, {len(r.vae_channels)} blocks {tuple(r.vae_channels)} ({r.vae_factor}x spatial, \
+4x temporal), {r.latent_channels} latent channels; trained for reconstruction ({r.vae_image_steps} single-frame + \
+{r.vae_steps} clip steps).
+- Text corpus (`mimir/demo/corpus.py`): {r.corpus_documents} documents naming every attribute in words the
+  captions never use (synonyms, paraphrases, everyday things of a colour), the same for both encoders.
+- T5: `T5EncoderModel` (d_model {r.t5_dim}), pretrained as T5 is, by span-corruption denoising of the corpus
+  ({r.t5_steps} steps, encoder + decoder; the encoder is kept).
+- LLM: `Phi3ForCausalLM` (hidden {r.llm_dim}) with a chat template, {r.llm_steps} steps of next-token prediction
+  on the corpus plus its instruction answers (motion, colour, spatial positions, number; the prompt restated).
+- Mimir arm: `CogVideoXTransformer3DModel`, {r.dit_layers} layers, {r.dit_heads} heads x {r.dit_head_dim}, patch \
+{r.dit_patch}, rotary positions (5B layout), and a token fuser (text_len {fuser.text_len}, \
+{fuser.stabilizer_tokens} stabilizer tokens, {fuser.answer_tokens} answer tokens), trained end to end with
+  `mimir.train` ({r.dit_steps} steps, batch {r.dit_batch}, lr {r.dit_lr:g} cosine, EMA {r.dit_ema:g}; T5 branch
+  dropped alone in {r.t5_dropout:.0%} of the captions).
+- T5-only arm (`t5_only/transformer/`): the same DiT from the same init, trained the same way on the T5 stream
+  alone, as plain CogVideoX reads its prompt.
 
-Sampled by default with {DEMO_STEPS} DDIM steps and guidance {DEMO_GUIDANCE:g} (`mimir.demo`). Measured text alignment on
-held-out attribute combinations, with the no-fuser ablation arm: `python bench/alignment.py`.
+Sampled by default with {DEMO_STEPS} DDIM steps and guidance {DEMO_GUIDANCE:g} (`mimir.demo`). Both arms measured on
+held-out and "understanding" prompts: `python bench/alignment.py`.
 """
 
 
-def _write_model(pipe: MimirPipeline, out: Path, info: dict, recipe: Recipe) -> None:
-    """save_pipeline into a sibling folder, then swap it in, so a failed build never leaves half a model."""
+def _write_model(work: Path, out: Path, info: dict, recipe: Recipe) -> None:
+    """The Mimir arm's trained pipeline, plus the T5-only DiT in t5_only/ (sharing the rest), written
+    into a sibling folder and then swapped in, so a failed build never leaves half a model."""
+    pipe = load_pipeline(work / "mimir" / "run" / "export" / "pipeline")  # mimir.train's export: a whole folder
+    t5_only = load_transformer(work / "t5-only" / "run" / "export" / "pipeline", text_len=recipe.text_len)[0]
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     save_pipeline(pipe, staging)
+    t5_only.save_pretrained(str(staging / DEMO_T5_ONLY_DIR.name / "transformer"), safe_serialization=True)
     (staging / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     (staging / "README.md").write_text(model_card(recipe))
     shutil.rmtree(out, ignore_errors=True)
@@ -416,19 +547,27 @@ def main(argv: list[str] | None = None) -> int:
                              f"also needs --overwrite-bundled")
     parser.add_argument("--overwrite-bundled", action="store_true",
                         help="allow --out to be the bundled model folder (inside the installed package)")
-    parser.add_argument("--work", type=Path, help="keep clips, cache and training run here (default: a temp dir)")
+    parser.add_argument("--work", type=Path, help="keep clips, caches and training runs here (default: a temp "
+                                                   "dir); needed to run stages one at a time")
+    parser.add_argument("--stage", choices=STAGES, action="append",
+                        help="run only this stage (repeatable; default: all, in order): text = world clips, VAE, "
+                             "tokenizers, T5 and LLM; mimir / t5-only = one arm's cache + DiT training; write = "
+                             "the model folder")
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=1,
+                        help="2: train the two arms at once, one CPU thread each")
     parser.add_argument("--quick", action="store_true", help="a few steps of every stage (CI)")
-    parser.add_argument("--no-fuser", action="store_true", help="the ablation arm: T5 only, fuser at its zero init")
     parser.add_argument("--reuse", type=Path, help="take VAE, tokenizers, T5 and LLM from this model folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.out.resolve() == DEMO_MODEL_DIR.resolve() and (args.quick or not args.overwrite_bundled):
         parser.error(f"--out {args.out} is the bundled model: " + ("a --quick build never replaces it" if args.quick
                      else "add --overwrite-bundled to replace it"))
-    changes = dict(seed=args.seed, fuser=not args.no_fuser)
-    recipe = Recipe.quick(**changes) if args.quick else Recipe(**changes)
-    info = build(recipe, args.out, args.work, args.reuse)
-    print(f"wrote {args.out} in {info['total_seconds']} s ({info['seconds']})")
+    if args.stage and args.work is None:
+        parser.error("--stage needs --work: the stages hand their results on through it")
+    recipe = Recipe.quick(seed=args.seed) if args.quick else Recipe(seed=args.seed)
+    stages = tuple(s for s in STAGES if s in (args.stage or STAGES))
+    info = build(recipe, args.out, args.work, args.reuse, stages=stages, jobs=args.jobs)
+    print(f"stages {', '.join(stages)} done: {info['seconds']}" + (f"; wrote {args.out}" if "write" in stages else ""))
     return 0
 
 

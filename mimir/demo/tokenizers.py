@@ -1,5 +1,6 @@
 """Word-level tokenizers built offline: one token per word of a closed vocabulary, as the demo world's captions
-need. kind="t5" appends </s> like T5's tokenizer; kind="llm" has a Phi-3-style chat template."""
+need. kind="t5" appends </s> like T5's tokenizer and has T5's sentinels <extra_id_k> for span corruption;
+kind="llm" has a Phi-3-style chat template."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ CHAT_TEMPLATE = (
 LLM_SPECIALS = ["<pad>", "<s>", "<|end|>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
 
 
-def word_tokenizer(words, kind: str = "t5") -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer. kind="t5" appends </s> like T5; kind="llm" has a chat template."""
-    specials = ["<pad>", "</s>", "<unk>"] if kind == "t5" else LLM_SPECIALS
+def word_tokenizer(words, kind: str = "t5", extra_ids: int = 0) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer. kind="t5" appends </s> like T5 and has `extra_ids` sentinels
+    <extra_id_0> ... (T5's span-corruption markers); kind="llm" has a chat template."""
+    sentinels = [f"<extra_id_{k}>" for k in range(extra_ids)]
+    specials = ["<pad>", "</s>", "<unk>", *sentinels] if kind == "t5" else LLM_SPECIALS
     vocab = {tok: i for i, tok in enumerate(specials)}
     for word in words:
         vocab.setdefault(word.lower(), len(vocab))
@@ -26,7 +29,8 @@ def word_tokenizer(words, kind: str = "t5") -> PreTrainedTokenizerFast:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     if kind == "t5":
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                       additional_special_tokens=sentinels)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>", unk_token="<unk>",
         additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],

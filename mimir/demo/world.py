@@ -59,17 +59,17 @@ ALL_TRIPLES = tuple((c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS)
 TRAIN_TRIPLES = tuple(t for t in ALL_TRIPLES if t not in HELDOUT_TRIPLES)
 
 # Caption wording: "<determiner> <colour> <noun> <phrase>". A phrase is (singular, plural) or one form for both.
-DETERMINERS = {1: ("a", "one", "a single"), 2: ("two",), 3: ("three",)}
-COUNT_WORDS = {"a": 1, "one": 1, "single": 1, "two": 2, "three": 3}
+# The video captions are narrow on purpose (issue 11): two plain phrasings per motion. Every other way to say
+# an attribute (crimson, ball, rises, a pair of, lemon coloured) lives only in the text corpus (corpus.py), which
+# the text encoders learn from and the DiT never sees.
+DETERMINERS = {1: ("a", "one"), 2: ("two",), 3: ("three",)}
+COUNT_WORDS = {"a": 1, "one": 1, "two": 2, "three": 3}
 PHRASES = {
-    "left": (("moves to the left", "move to the left"), "moving left", "sliding left", "drifting to the left",
-             ("goes left", "go left")),
-    "right": (("moves to the right", "move to the right"), "moving right", "sliding right", "drifting to the right",
-              ("goes right", "go right")),
-    "up": (("moves up", "move up"), "moving up", "sliding upward", "drifting up", ("rises", "rise")),
-    "down": (("moves down", "move down"), "moving down", "sliding downward", "drifting down", ("falls", "fall")),
-    "still": (("stays still", "stay still"), "standing still", "resting in place", "not moving",
-              ("sits still", "sit still")),
+    "left": (("moves to the left", "move to the left"), "moving left"),
+    "right": (("moves to the right", "move to the right"), "moving right"),
+    "up": (("moves up", "move up"), "moving up"),
+    "down": (("moves down", "move down"), "moving down"),
+    "still": (("stays still", "stay still"), "standing still"),
 }
 
 

@@ -42,6 +42,9 @@ class TrainConfig:
     width: int = 720  # multiple of 16
     frame_stride: int = 1  # read every n-th frame
     text_dropout: float = 0.1  # probability that a caption is replaced by "" (for classifier-free guidance)
+    # probability that a kept caption's T5 features alone are the empty prompt's, its LLM features kept: each
+    # encoder dropped on its own, as SD3 trains its three, so the DiT learns to read the LLM branch by itself
+    t5_dropout: float = 0.0
     num_workers: int = 2  # data loader processes
     cache_shard_size: int = 64  # clips per cache shard (the unit of resumption)
     # ---- optimisation ----------------------------------------------------------------------------------
@@ -99,7 +102,7 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 0)
         if self.lr <= 0 or (self.fuser_lr is not None and self.fuser_lr < 0):
             raise ValueError(f"lr must be > 0 and fuser_lr >= 0, got lr={self.lr}, fuser_lr={self.fuser_lr}")
-        for name in ("text_dropout", "ema_decay", "adam_beta1", "adam_beta2"):
+        for name in ("text_dropout", "t5_dropout", "ema_decay", "adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")

@@ -39,10 +39,12 @@ def export_model(pipe: MimirPipeline, config: TrainConfig, folder, fuser_source:
     written = {"fuser": folder / "fuser.safetensors"}
     save_fuser(fuser, written["fuser"])
     scaling = pipe.vae.config.scaling_factor if pipe.vae is not None else None
+    spatial = pipe.codec.spatial if pipe.vae is not None else 8
     if config.trains_dit:
         transformer.to(export_dtype(config, source, "transformer"))
         written["transformer"] = folder / "transformer.safetensors"
-        save_single_file(transformer, written["transformer"], vae_scaling_factor=scaling)
+        save_single_file(transformer, written["transformer"], vae_scaling_factor=scaling,
+                         vae_spatial_factor=spatial)
     written["pipeline"] = folder / "pipeline"
     shutil.rmtree(written["pipeline"], ignore_errors=True)  # never write into a file linked to a source file
     if source is not None:

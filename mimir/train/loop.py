@@ -488,27 +488,37 @@ def diffusion_loss(model, pipe: MimirPipeline, batch: dict, config: TrainConfig,
     """The v-prediction MSE of one micro-batch (see the module docstring)."""
     generators = [sample_generator(config.seed, p) for p in batch["position"]]
     drop = [bool(torch.rand((), generator=g) < config.text_dropout) for g in generators]
+    # drawn only when used, so runs without it keep their random streams
+    drop_t5 = [bool(torch.rand((), generator=g) < config.t5_dropout) for g in generators] if config.t5_dropout \
+        else [False] * len(generators)
     timesteps = torch.stack([torch.randint(0, pipe.scheduler.config.num_train_timesteps, (), generator=g)
                              for g in generators]).to(device)
-    latents, features = batch_inputs(pipe, batch, drop, generators, empty_row, scaling, config, device)
+    latents, features = batch_inputs(pipe, batch, drop, drop_t5, generators, empty_row, scaling, config, device)
     noise = randn_tensor(latents.shape, generator=generators, device=device, dtype=latents.dtype)
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
     target = pipe.scheduler.get_velocity(latents, noise, timesteps)
-    rotary = rotary_embeddings(pipe.transformer.config, config.height, config.width, latents.shape[1], device)
+    rotary = rotary_embeddings(pipe.transformer.config, config.height, config.width, latents.shape[1], device,
+                               spatial=config.height // latents.shape[-2])
     pred = model(features.t5, features.llm, features.llm_mask, features.instructions, noisy, timesteps, rotary)
     return F.mse_loss(pred.float(), target.float())
 
 
-def batch_inputs(pipe: MimirPipeline, batch: dict, drop: list[bool], generators, empty_row, scaling: float,
-                 config: TrainConfig, device):
-    """-> (latents [B, T, C, h, w] in diffusion space, text features); a dropped caption becomes ""."""
+def batch_inputs(pipe: MimirPipeline, batch: dict, drop: list[bool], drop_t5: list[bool], generators, empty_row,
+                 scaling: float, config: TrainConfig, device):
+    """-> (latents [B, T, C, h, w] in diffusion space, text features); a dropped caption becomes "", a caption
+    in drop_t5 keeps its LLM features and gets the empty prompt's T5 features."""
     if "pixels" in batch:
         params = encode_latent_params(pipe, batch["pixels"])
         captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
         features = pipe.encode_features(captions, seed=config.seed)
+        if any(drop_t5):
+            empty_t5 = pipe.encode_features([""], seed=config.seed).t5[0]
+            features.t5[torch.tensor(drop_t5)] = empty_t5.to(features.t5.dtype)
     else:
         params = batch["latent_params"]
-        features = stack_features([empty_row if d else f for d, f in zip(drop, batch["features"])])
+        rows = [empty_row if d else {**f, "t5": empty_row["t5"]} if d5 else f
+                for d, d5, f in zip(drop, drop_t5, batch["features"])]
+        features = stack_features(rows)
     latents = DiagonalGaussianDistribution(params.to(device)).sample(generators) * scaling
     latents = latents.permute(0, 2, 1, 3, 4)
     patch_t = pipe.transformer.config.patch_size_t
