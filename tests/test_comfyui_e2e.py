@@ -284,6 +284,22 @@ def test_demo_vs_t5_workflow_runs_both_bundled_arms(comfyui):
     assert "'crimson'" in log and "T5 tokenizer does not know" in log  # the prompt's unknown words are named
 
 
+def test_text_encode_without_its_sources_is_refused_at_queue_time(comfyui):
+    """Mimir Text Encode's VALIDATE_INPUTS: half a Mimir encoder, or T5 alone without the model, is a 400."""
+    base = json.loads((API_DIR / "mimir_demo_vs_t5.json").read_text())
+    encoders = {n["_meta"]["title"]: k for k, n in base.items() if n["class_type"] == "MimirTextEncode"}
+    cases = [("Mimir: positive prompt", "fuser", "Save Video: T5 only", "connect both the LLM and the token fuser"),
+             ("T5 only: positive prompt", "model", "Save Video: Mimir", "with no LLM and fuser")]
+    for title, removed, other_arm, message in cases:
+        workflow = {k: n for k, n in json.loads(json.dumps(base)).items() if n["_meta"]["title"] != other_arm}
+        del workflow[encoders[title]]["inputs"][removed]
+        status, body = comfyui.post("/prompt", {"prompt": workflow})
+        errors = body["node_errors"][encoders[title]]["errors"]
+        print(f"{title} without {removed}: {status} {errors[0]['details']}")
+        assert status == 400 and {e["type"] for e in errors} == {"custom_validation_failed"}
+        assert all(e["details"].split(" - ", 1)[1].startswith(message) for e in errors)
+
+
 def test_saved_encoded_prompts_replace_t5_and_the_llm(comfyui):
     base = _tiny(json.loads((API_DIR / "mimir_cogvideox5b_phi35.json").read_text()), seed=11)
     encoders = [k for k, n in base.items() if n["class_type"] == "MimirTextEncode"]
