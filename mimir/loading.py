@@ -72,6 +72,7 @@ def pipeline_paths(folder, fuser_path=None, llm_path=None, with_fuser: bool = Tr
     with_fuser=False: the T5-only reading of the folder (no fuser, no LLM). A `transformer_path` must be a
     diffusers transformer folder; the root then needs no transformer/ of its own."""
     root = existing(folder)
+    # a transformer_path stands in for the root's transformer/
     parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")[transformer_path is not None:]
     missing = [name for name in parts if not (root / name).is_dir()]
     if missing:
