@@ -33,7 +33,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--vae", type=Path, help="override: VAE single file or folder")
     p.add_argument("--llm", type=Path, help="override: transformers LLM folder")
     p.add_argument("--fuser", type=Path, help="override: token fuser .safetensors")
-    p.add_argument("--no-fuser", action="store_true", help="T5 only: plain CogVideoX")
+    p.add_argument("--no-fuser", action="store_true",
+                   help="T5 only: plain CogVideoX (--model read without its fuser and LLM; with no --model, the "
+                        "bundled demo's T5-only arm, a DiT trained on T5 alone)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the LLM folder's own Python code")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available)")
@@ -146,21 +148,35 @@ def _load(args, device, dtype, cached: bool = False):
     if folder is None:
         raise FileNotFoundError(f"no --model given and the bundled demo model is missing ({DEMO_MODEL_DIR}); "
                                 f"reinstall the package or pass --model")
+    arm = _t5_only_arm(args)
     pipe = load_pipeline(folder, dtype=dtype, device=args.offload_device, placement=placement,
                          fuser_path=args.fuser, llm_path=args.llm, trust_remote_code=args.trust_remote_code,
-                         text_encoders=not cached, with_fuser=not args.no_fuser)
+                         text_encoders=not cached, with_fuser=not args.no_fuser, transformer_path=arm)
     scaling = pipe.vae.config.scaling_factor  # what the folder's transformer was trained with
-    if args.transformer:
-        text_len = pipe.fuser.config.out_len if pipe.fuser else pipe.text_len
+    if args.transformer:  # without a fuser it keeps its own text length (the T5 encoding follows it)
         pipe.transformer, info = load_transformer(args.transformer, dtype=dtype, device=args.offload_device,
-                                                  text_len=text_len)
+                                                  text_len=pipe.fuser.config.out_len if pipe.fuser else None)
         scaling = info.vae_scaling_factor or scaling
     if args.vae:  # a single file does not tell its scaling factor: the transformer's VAE's is the right one
         pipe.vae, _ = load_vae(args.vae, dtype=dtype, device=args.offload_device, scaling_factor=scaling)
     pipe.use_scheduler(args.scheduler)
     _memory_options(args, pipe, device)
     _speed_options(args, pipe)
-    return pipe, "demo" if folder == DEMO_MODEL_DIR else str(folder)
+    return pipe, ("demo, T5-only arm" if arm else "demo") if folder == DEMO_MODEL_DIR else str(folder)
+
+
+def _t5_only_arm(args):
+    """--no-fuser without --model (or --transformer): the bundled demo's T5-only arm, its DiT's folder."""
+    from .loading import DEMO_T5_ONLY_DIR
+
+    if not args.no_fuser or args.model is not None or args.transformer is not None:
+        return None
+    folder = DEMO_T5_ONLY_DIR / "transformer"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--no-fuser without --model runs the bundled demo's T5-only arm, which is not "
+                                f"installed ({folder} is missing); build it with `python -m mimir.demo.build`, or "
+                                f"pass --model")
+    return folder
 
 
 def _check_speed_options(args) -> None:
@@ -223,7 +239,7 @@ def _encode(args, pipe, prompts: list[str], cached):
     return pipe.fuse(features)
 
 
-def _defaults(args, pipe, name):
+def _defaults(args, pipe, demo: bool):
     """Unset sizes: the published variant's usual size, else (the demo, custom models) the training size."""
     from .variants import DEFAULT_VIDEO_SIZES, match_variant
 
@@ -233,7 +249,7 @@ def _defaults(args, pipe, name):
     args.frames, args.height, args.width = (given if given is not None else default for given, default in
                                             zip((args.frames, args.height, args.width), usual))
     if args.steps is None:
-        args.steps = DEMO_STEPS if name == "demo" else 50
+        args.steps = DEMO_STEPS if demo else 50
 
 
 def cmd_generate(args) -> int:
@@ -247,13 +263,14 @@ def cmd_generate(args) -> int:
     device, dtype = _resolve_device(args)
     start = time.perf_counter()
     _check_speed_options(args)
+    demo = _model_folder(args) == DEMO_MODEL_DIR  # the bundled model or its T5-only arm: the demo's settings
     if args.guidance is None:
-        args.guidance = DEMO_GUIDANCE if _model_folder(args) == DEMO_MODEL_DIR else 6.0
+        args.guidance = DEMO_GUIDANCE if demo else 6.0
     guided = args.guidance > 1.0
     prompts = [args.negative_prompt, args.prompt] if guided else [args.prompt]
     cached = _prompt_cache(args, prompts, dtype)
     pipe, name = _load(args, device, dtype, cached=bool(cached and cached[2]))
-    _defaults(args, pipe, name)
+    _defaults(args, pipe, demo)
     check_video_size(args.frames, args.height, args.width)
     streams = _encode(args, pipe, prompts, cached)
     cond, uncond = (streams[1:], streams[:1]) if guided else (streams, None)

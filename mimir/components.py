@@ -78,16 +78,18 @@ def _fp32_modules(model: nn.Module, dtype: torch.dtype) -> set[str]:
 
 # ---- transformer -----------------------------------------------------------------------------------------
 
-def find_transformer(path: Path):
-    """-> (layout, folder or file, full config, weights, (scaling factor or None, spatial factor) of its VAE)."""
+def find_transformer(path: Path, pipeline_root: Path | None = None):
+    """-> (layout, folder or file, full config, weights, (scaling factor or None, spatial factor) of its VAE).
+    `pipeline_root`: the pipeline folder whose VAE a transformer folder goes with, when that is not its parent
+    (an arm of a pipeline such as the demo's t5_only/transformer, which shares the demo's VAE)."""
     if path.is_file():
         return "single-file", path, *single_file.read_transformer(path)
-    folder, config = component_folder(path, "transformer", is_class("CogVideoXTransformer3DModel"),
-                                      "CogVideoX transformer")
+    folder, config = transformer_folder(path)
     warn_unknown_fields(config, CogVideoXTransformer3DModel, folder / "config.json")
     config = full_config(CogVideoXTransformer3DModel, config)
-    vae_config = folder.parent / "vae" / "config.json"
-    if folder.name == "transformer" and vae_config.is_file():
+    root = pipeline_root or (folder.parent if folder.name == "transformer" else None)
+    vae_config = root / "vae" / "config.json" if root is not None else None
+    if vae_config is not None and vae_config.is_file():
         vae = full_config(AutoencoderKLCogVideoX, read_json(vae_config))
         vae = vae["scaling_factor"], spatial_factor(vae)
     else:
@@ -98,6 +100,12 @@ def find_transformer(path: Path):
 def spatial_factor(vae_config: dict) -> int:
     """A CogVideoX VAE halves the frame size in every down block but the last."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def transformer_folder(path: Path) -> tuple[Path, dict]:
+    """-> (the diffusers transformer folder at `path`, a pipeline root or the folder itself; its config),
+    reading the config only."""
+    return component_folder(path, "transformer", is_class("CogVideoXTransformer3DModel"), "CogVideoX transformer")
 
 
 def _with_text_len(config: dict, text_len: int | None, where) -> dict:
@@ -133,11 +141,12 @@ def transformer_info(layout, path, config, dtype, vae: tuple[float | None, int])
                          None if scaling is None else float(scaling), spatial)
 
 
-def load_transformer(path, dtype=None, device="cpu", text_len: int | None = None):
+def load_transformer(path, dtype=None, device="cpu", text_len: int | None = None, pipeline_root=None):
     """-> (CogVideoXTransformer3DModel, ComponentInfo). `text_len`: the number of text tokens the model will see
     (T5 length + stabilizer tokens, e.g. 226 + 4); sin-cos (2B-style) models have their text positions sized to it.
-    dtype None keeps the stored dtype (float8 storage computes in bfloat16)."""
-    layout, where, config, weights, vae = find_transformer(existing(path))
+    dtype None keeps the stored dtype (float8 storage computes in bfloat16). `pipeline_root`: as find_transformer."""
+    root = existing(pipeline_root) if pipeline_root is not None else None
+    layout, where, config, weights, vae = find_transformer(existing(path), root)
     config = _with_text_len(config, text_len, where)
     model = _build(lambda: CogVideoXTransformer3DModel.from_config(config), weights, dtype, device, str(where))
     return model, transformer_info(layout, where, config, model.dtype, vae)

@@ -3,30 +3,42 @@ tokens) -> the token fuser -> the DiT's text stream, through the prompt cache wh
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .fuser import FuserConfig
 from .offload import Placement
 from .prompt_cache import PromptCache, encode_features_cached
-from .text import LLMTextEncoder, TextFeatures, encode_t5
+from .text import LLMTextEncoder, TextFeatures, encode_t5, unknown_words
 from .variants import T5_TEXT_LEN
+
+logger = logging.getLogger(__name__)
+
+
+def t5_only_text_len(transformer) -> int:
+    """The T5 length a DiT reads without a fuser (plain CogVideoX): the text length it was trained on, which its
+    config keeps as max_text_seq_length (226 in every published CogVideoX; 24 in the demo's T5-only arm)."""
+    return transformer.config.max_text_seq_length
 
 
 class PromptEncoder:
     """T5 (+ the LLM and the fuser for Mimir; T5 alone is plain CogVideoX) on a placement."""
 
     def __init__(self, tokenizer=None, text_encoder=None, llm=None, llm_tokenizer=None, fuser=None,
-                 placement: Placement | None = None, prompt_cache: PromptCache | None = None):
+                 placement: Placement | None = None, prompt_cache: PromptCache | None = None,
+                 t5_len: int = T5_TEXT_LEN):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.llm, self.llm_tokenizer, self.fuser = llm, llm_tokenizer, fuser
         self.placement = placement or Placement()
         self.prompt_cache = prompt_cache  # a repeated prompt then runs neither T5 nor the LLM
         self._llm_encoder = None
         self.text_sources = None  # (T5 files, LLM files) when loaded from files (mimir.loading.text_sources)
+        self.t5_len = t5_len  # the T5 length without a fuser: the DiT's, t5_only_text_len (MimirPipeline sets it)
 
     @property
     def text_len(self) -> int:
-        return self.fuser.config.text_len if self.fuser is not None else T5_TEXT_LEN
+        return self.fuser.config.text_len if self.fuser is not None else self.t5_len
 
     def llm_encoder(self) -> LLMTextEncoder:
         if self.llm is None:
@@ -42,6 +54,7 @@ class PromptEncoder:
         `config` overrides the fuser's encoding settings (answer tokens, instructions) for this call."""
         config = config or (self.fuser.config if self.fuser is not None else None)
         text_len = config.text_len if config is not None else self.text_len
+        self._warn_unknown_words(prompts)
         with self.placement.stage(self.text_encoder) as device:
             t5 = encode_t5(self.tokenizer, self.text_encoder, prompts, max_length=text_len, device=device)
         if self.fuser is None:
@@ -51,6 +64,17 @@ class PromptEncoder:
                                                                                            config)
             llm, mask, instructions = encoder(prompts, seed=seed, callback=callback)
         return TextFeatures(t5, llm, mask, instructions).to("cpu")
+
+    def _warn_unknown_words(self, prompts: list[str]) -> None:
+        """Names each prompt word a tokenizer reads as its unknown token: the video cannot follow it."""
+        tokenizers = {"T5": self.tokenizer, "LLM": self.llm_tokenizer if self.fuser is not None else None}
+        for prompt in dict.fromkeys(prompts):
+            for name, tokenizer in tokenizers.items():
+                words = unknown_words(tokenizer, prompt) if tokenizer is not None else []
+                if words:
+                    logger.warning("prompt %r: the %s tokenizer does not know %s (each is read as its unknown "
+                                   "token, so the video cannot follow it)", prompt, name,
+                                   ", ".join(repr(w) for w in words))
 
     @torch.no_grad()
     def fuse(self, features: TextFeatures, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -19,21 +19,26 @@ from . import components  # used as components.load_*, so that replacing one loa
 from .fuser import TokenFuser, read_fuser_config, save_fuser
 from .offload import Placement
 from .pipeline import MimirPipeline
-from .variants import FUSER_FILE, T5_TEXT_LEN
+from .variants import FUSER_FILE
 from .weights import existing, read_file
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
-DEMO_T5_ONLY_DIR = DEMO_MODEL_DIR / "t5_only"  # the bundled T5-only arm: its transformer/, sharing the rest
+# The demo's T5-only arm: a DiT trained on the T5 stream alone (plain CogVideoX conditioning), in
+# t5_only/transformer/, sharing the VAE, T5, tokenizer and scheduler of DEMO_MODEL_DIR.
+DEMO_T5_ONLY_DIR = DEMO_MODEL_DIR / "t5_only"
 
 
 def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None = None, fuser_path=None,
                   llm_path=None, trust_remote_code: bool = False, text_encoders: bool = True,
-                  with_fuser: bool = True) -> MimirPipeline:
+                  with_fuser: bool = True, transformer_path=None) -> MimirPipeline:
     """A MimirPipeline from a diffusers CogVideoX folder, plus llm/ and fuser.safetensors when present (or the
-    paths given). Without a fuser it is plain CogVideoX; with_fuser=False reads neither the fuser nor the LLM of
-    a Mimir folder (T5 only). Models wait on the placement's offload device (default: `device`).
-    text_encoders=False skips T5 and the LLM (for prompts already encoded, e.g. cached)."""
-    root, fuser_path, llm_folder = pipeline_paths(folder, fuser_path, llm_path, with_fuser)
+    paths given). Without a fuser it is plain CogVideoX, prompts encoded to the T5 length the transformer was
+    trained on (its max_text_seq_length); with_fuser=False reads neither the fuser nor the LLM of a Mimir folder
+    (T5 only). `transformer_path`: a diffusers transformer folder used instead of the folder's transformer/
+    (e.g. DEMO_T5_ONLY_DIR / "transformer"), with the folder's VAE and scheduler. Models wait on the
+    placement's offload device (default: `device`). text_encoders=False skips T5 and the LLM (for prompts
+    already encoded, e.g. cached)."""
+    root, fuser_path, llm_folder = pipeline_paths(folder, fuser_path, llm_path, with_fuser, transformer_path)
     placement = placement or Placement(device, device)
     where = placement.offload_device
     fuser = llm = llm_tokenizer = text_encoder = tokenizer = None
@@ -41,8 +46,9 @@ def load_pipeline(folder, dtype=None, device="cpu", placement: Placement | None 
         fuser, _ = components.load_token_fuser(fuser_path, dtype, where)
         if text_encoders:
             llm, llm_tokenizer, _ = components.load_llm(llm_folder, dtype, where, trust_remote_code=trust_remote_code)
-    text_len = fuser.config.out_len if fuser is not None else T5_TEXT_LEN
-    transformer, _ = components.load_transformer(root, dtype, where, text_len=text_len)
+    # without a fuser the transformer keeps its own text length, which the pipeline's T5 encoding then follows
+    transformer, _ = components.load_transformer(transformer_path or root, dtype, where, pipeline_root=root,
+                                                 text_len=fuser.config.out_len if fuser is not None else None)
     vae, _ = components.load_vae(root, dtype, where)
     if text_encoders:
         text_encoder, tokenizer, _ = components.load_t5(root, dtype=dtype, device=where)
@@ -60,20 +66,35 @@ def text_sources(root: Path, llm_folder: Path) -> tuple[list[Path], list[Path]]:
     return [root / "text_encoder", root / "tokenizer"], [llm_folder]
 
 
-def pipeline_paths(folder, fuser_path=None, llm_path=None,
-                   with_fuser: bool = True) -> tuple[Path, Path | None, Path | None]:
+def pipeline_paths(folder, fuser_path=None, llm_path=None, with_fuser: bool = True,
+                   transformer_path=None) -> tuple[Path, Path | None, Path | None]:
     """-> (pipeline root, fuser file or None, LLM folder or None), checked without loading any weights.
-    with_fuser=False: the T5-only reading of the folder (no fuser, no LLM)."""
+    with_fuser=False: the T5-only reading of the folder (no fuser, no LLM). A `transformer_path` must be a
+    diffusers transformer folder; the root then needs no transformer/ of its own."""
     root = existing(folder)
-    missing = [name for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-               if not (root / name).is_dir()]
+    # a transformer_path stands in for the root's transformer/
+    parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")[transformer_path is not None:]
+    missing = [name for name in parts if not (root / name).is_dir()]
     if missing:
         raise ValueError(f"{root}: not a CogVideoX pipeline folder: it lacks {', '.join(s + '/' for s in missing)}")
+    if transformer_path is not None:
+        _check_transformer_folder(transformer_path)
     if not with_fuser:
         return root, None, None
     fuser_path = existing(fuser_path) if fuser_path is not None else root / FUSER_FILE
     fuser_path = fuser_path if fuser_path.exists() else None
     return root, fuser_path, _mimir_llm(root, fuser_path, llm_path)
+
+
+def _check_transformer_folder(path) -> None:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"transformer_path {path}: no such folder (a diffusers transformer folder: "
+                                f"config.json and diffusion_pytorch_model*.safetensors)")
+    try:
+        components.transformer_folder(path)
+    except ValueError as exc:
+        raise ValueError(f"transformer_path: {exc}") from None
 
 
 def _mimir_llm(root: Path, fuser_path: Path | None, llm_path) -> Path | None:

@@ -13,7 +13,7 @@ import copy
 import torch
 
 from .codec import VideoCodec
-from .encoder import PromptEncoder
+from .encoder import PromptEncoder, t5_only_text_len
 from .offload import Placement, module_dtype
 from .prompt_cache import PromptCache
 from .sampler import Sampler, StepCallback, check_steps, check_video_size
@@ -31,15 +31,26 @@ class MimirPipeline:
                  fuser=None, placement: Placement | None = None, prompt_cache: PromptCache | None = None):
         placement = placement or Placement()
         self.text = PromptEncoder(tokenizer, text_encoder, llm, llm_tokenizer, fuser, placement, prompt_cache)
-        self.sampler = Sampler(transformer, scheduler, placement)
+        self.sampler = Sampler(None, scheduler, placement)
         self.codec = VideoCodec(vae, placement)
+        self.transformer = transformer
 
     tokenizer, text_encoder = _part("text", "tokenizer"), _part("text", "text_encoder")
     llm, llm_tokenizer, fuser = _part("text", "llm"), _part("text", "llm_tokenizer"), _part("text", "fuser")
     prompt_cache, text_sources = _part("text", "prompt_cache"), _part("text", "text_sources")
-    transformer, scheduler = _part("sampler", "transformer"), _part("sampler", "scheduler")
+    scheduler = _part("sampler", "scheduler")
     step_cache = _part("sampler", "step_cache")
     vae = _part("codec", "vae")
+
+    @property
+    def transformer(self):
+        return self.sampler.transformer
+
+    @transformer.setter
+    def transformer(self, transformer) -> None:
+        self.sampler.transformer = transformer
+        if transformer is not None:  # without a fuser, prompts are encoded to the length this DiT was trained on
+            self.text.t5_len = t5_only_text_len(transformer)
 
     def __copy__(self) -> MimirPipeline:
         """The same models in parts of its own: setting a model or option on the copy leaves this one as it is."""

@@ -74,6 +74,17 @@ class TextFeatures:
         return cls.from_tensors(load_file(str(path)))
 
 
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """The words of `prompt` (split at spaces) that `tokenizer` reads, at least in part, as its unknown token:
+    the model sees nothing of them. Word-level tokenizers (the demo's) do so for every word outside their
+    vocabulary; sentencepiece ones (T5, Llama) for characters outside theirs."""
+    words = prompt.split()
+    if tokenizer.unk_token_id is None or not words:
+        return []
+    ids = tokenizer(words, add_special_tokens=False).input_ids
+    return [word for word, word_ids in zip(words, ids) if tokenizer.unk_token_id in word_ids]
+
+
 def encode_t5(tokenizer, text_encoder, prompts: list[str], max_length: int = T5_TEXT_LEN, device=None,
               dtype=None) -> torch.Tensor:
     """T5 features as `CogVideoXPipeline._get_t5_prompt_embeds`: padded to max_length, truncated, no mask."""

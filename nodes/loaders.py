@@ -3,7 +3,9 @@
 Every loader reads through `mimir.components` (the one place that knows checkpoint layouts) and lists its files
 through ComfyUI's model folders. Models are loaded onto ComfyUI's offload device and visit the compute
 device only while their stage runs; the T5 and LLM load on first use, so a prompt answered by the prompt cache
-costs no text-model load. The bundled demo model appears as "mimir-demo (bundled)" once it exists.
+costs no text-model load. The bundled demo model appears as "mimir-demo (bundled)" once it exists, and the
+Model Loader lists its T5-only arm (a DiT trained on T5 alone, sharing the demo's T5, VAE and scheduler) as
+"mimir-demo T5-only (bundled)": with the bundled T5 and no LLM or fuser it is plain CogVideoX at demo size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..mimir.components import (
     load_transformer,
     load_vae,
 )
-from ..mimir.loading import DEMO_MODEL_DIR
+from ..mimir.loading import DEMO_MODEL_DIR, DEMO_T5_ONLY_DIR
 from ..mimir.memory import MemoryOptions, apply_memory_options
 from ..mimir.prompt_cache import files_identity
 from ..mimir.speed import ATTENTION_BACKENDS, check_attention_backend, set_attention_backend
@@ -34,6 +36,7 @@ from . import comfy_services as services
 logger = logging.getLogger(__name__)
 
 BUNDLED = "mimir-demo (bundled)"
+BUNDLED_T5_ONLY = "mimir-demo T5-only (bundled)"
 DTYPES = ["auto", "fp32", "bf16", "fp16"]
 MODEL_DTYPES = DTYPES + ["fp8_e4m3fn"]
 DTYPE_TOOLTIP = ("Weights' dtype in memory. auto keeps the dtype stored in the file. On CPU, fp32 is the "
@@ -141,7 +144,7 @@ class MimirT5Loader:
             "t5_name": (_choices("text_encoders", "text_encoder"), {
                 "tooltip": "T5 v1.1 XXL encoder from models/text_encoders: a ComfyUI single file such as "
                            "t5xxl_fp16.safetensors (uses ComfyUI's bundled T5 tokenizer) or a transformers folder "
-                           "with its tokenizer."}),
+                           "with its tokenizer. mimir-demo (bundled) is the demo's T5, for both of its arms."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TOOLTIP}),
         }}
 
@@ -218,10 +221,12 @@ class MimirModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (_choices("diffusion_models", "transformer"), {
+            "model_name": (_model_choices(), {
                 "tooltip": "CogVideoX transformer (Mimir-finetuned or original) from models/diffusion_models: a "
                            "single .safetensors file with diffusers key names, or a diffusers folder (the pipeline "
-                           "root or its transformer/). The variant (2B, 5B, 1.5) is detected from the weights."}),
+                           "root or its transformer/). The variant (2B, 5B, 1.5) is detected from the weights. "
+                           "mimir-demo T5-only (bundled) is the demo's DiT trained on T5 alone: encode for it with "
+                           "no LLM and fuser."}),
             "dtype": (MODEL_DTYPES, {
                 "default": "auto",
                 "tooltip": DTYPE_TOOLTIP + " fp8_e4m3fn stores the transformer blocks' weights in 8 bits (half of "
@@ -249,10 +254,10 @@ class MimirModelLoader:
             check_attention_backend(attention)  # before the weights are read
         except ValueError as exc:
             raise ValueError(f"attention: {exc}") from exc
-        path = _resolve("diffusion_models", model_name, "model_name", "transformer")
+        path, root = _model_path(model_name)
         fp8 = _dtype(dtype) == "fp8_e4m3fn"
         transformer, info = load_transformer(path, dtype="bf16" if fp8 else _dtype(dtype),
-                                             device=services.offload_device())
+                                             device=services.offload_device(), pipeline_root=root)
         apply_memory_options(transformer, MemoryOptions(fp8=fp8, blocks_to_swap=blocks_to_swap),
                              services.compute_device(), services.offload_device())
         if fp8:
@@ -262,14 +267,33 @@ class MimirModelLoader:
             raise ValueError(f"model_name: {model_name} is a custom CogVideoX variant whose VAE scaling factor is "
                              f"unknown; save it with mimir's save_single_file(..., vae_scaling_factor=...) or as a "
                              f"diffusers folder with vae/")
-        return (MimirModel(transformer, _scheduler_for(info), info),)
+        return (MimirModel(transformer, _scheduler_for(info, root), info),)
 
 
-def _scheduler_for(info: ComponentInfo):
-    """The checkpoint's own scheduler folder when it has one, else the published settings of its variant."""
+def _model_choices() -> list[str]:
+    choices = _choices("diffusion_models", "transformer")
+    if (DEMO_T5_ONLY_DIR / "transformer").is_dir():  # listed after the bundled Mimir DiT
+        choices.insert(int(choices[:1] == [BUNDLED]), BUNDLED_T5_ONLY)
+    return choices
+
+
+def _model_path(model_name: str) -> tuple[Path, Path | None]:
+    """-> (the transformer's path, the pipeline folder whose VAE and scheduler it shares, when not its own)."""
+    if model_name != BUNDLED_T5_ONLY:
+        return _resolve("diffusion_models", model_name, "model_name", "transformer"), None
+    arm = DEMO_T5_ONLY_DIR / "transformer"
+    if not arm.is_dir():
+        raise FileNotFoundError(f"model_name: the bundled demo's T5-only arm is not installed ({arm} is missing)")
+    return arm, DEMO_MODEL_DIR
+
+
+def _scheduler_for(info: ComponentInfo, pipeline_root: Path | None = None):
+    """The checkpoint's own scheduler folder (or that of the pipeline it shares) when it has one, else the
+    published settings of its variant."""
     folder = Path(info.path)
-    if folder.name == "transformer" and (folder.parent / "scheduler").is_dir():
-        return load_scheduler(folder.parent)
+    root = pipeline_root or (folder.parent if folder.name == "transformer" else None)
+    if root is not None and (root / "scheduler").is_dir():
+        return load_scheduler(root)
     if info.variant not in SNR_SHIFT_SCALE:
         logger.warning("Mimir: %s has no scheduler folder and is a custom variant; using CogVideoX-5B's "
                        "scheduler settings", info.path)

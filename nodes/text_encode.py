@@ -11,13 +11,14 @@ import re
 
 import torch
 
-from ..mimir.encoder import PromptEncoder
+from ..mimir.encoder import PromptEncoder, t5_only_text_len
 from ..mimir.prompt_cache import PromptCache, encoding_key_parts
 from ..mimir.text import TextFeatures, encode_t5
 from ..mimir.variants import T5_TEXT_LEN
 from . import comfy_services as services
 
 CATEGORY = "Mimir/conditioning"
+_UNLINKED = object()  # VALIDATE_INPUTS: ComfyUI passes a linked input as None and leaves an unlinked one out
 
 
 def conditioning(stream: torch.Tensor, kind: str) -> list:
@@ -51,10 +52,24 @@ def _check_widths(t5_width: int, llm_width: int, fuser) -> None:
                          f"{cfg.llm_dim}; load the LLM the fuser was trained with")
 
 
-def _text_side(t5=None, llm=None, fuser=None) -> PromptEncoder:
-    """The text side over the loaded encoders, placed by ComfyUI's model management."""
-    return PromptEncoder(t5 and t5.tokenizer, t5 and t5.model, llm and llm.model, llm and llm.tokenizer, fuser,
+def _text_side(t5=None, llm=None, fuser=None, model=None) -> PromptEncoder:
+    """The text side over the loaded encoders, placed by ComfyUI's model management; without a fuser it encodes
+    T5 to the length the model's transformer reads."""
+    text = PromptEncoder(t5 and t5.tokenizer, t5 and t5.model, llm and llm.model, llm and llm.tokenizer, fuser,
                          services.placement())
+    if model is not None:
+        text.t5_len = t5_only_text_len(model.transformer)
+    return text
+
+
+def check_text_sources(llm: bool, fuser: bool, model: bool) -> str | None:
+    """What is wrong with the linked inputs of Mimir Text Encode, or None."""
+    if llm != fuser:
+        return "connect both the LLM and the token fuser (Mimir), or neither (a T5-only model such as the demo's T5-only arm)"
+    if not fuser and not model:
+        return ("with no LLM and fuser the prompt is encoded by T5 alone: connect the model, whose transformer "
+                "tells how many T5 tokens it reads")
+    return None
 
 
 class MimirTextEncode:
@@ -62,8 +77,6 @@ class MimirTextEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "t5": ("MIMIR_T5", {"tooltip": "The T5 encoder, from Mimir T5 Loader."}),
-            "llm": ("MIMIR_LLM", {"tooltip": "The LLM the fuser was trained with, from Mimir LLM Loader."}),
-            "fuser": ("MIMIR_FUSER", {"tooltip": "The token fuser, from Mimir Token Fuser Loader."}),
             "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                   "tooltip": "The text to encode. For a negative prompt use a second node (an empty "
                                              "prompt is fine): it goes through the whole fuser as well."}),
@@ -80,6 +93,12 @@ class MimirTextEncode:
                 "tooltip": "Seed for the answer tokens when the fuser samples them; fusers trained with greedy "
                            "answers (the default) ignore it."}),
         }, "optional": {
+            "llm": ("MIMIR_LLM", {"tooltip": "The LLM the fuser was trained with, from Mimir LLM Loader. Leave it and "
+                                             "the fuser unconnected for a T5-only model (then connect model)."}),
+            "fuser": ("MIMIR_FUSER", {"tooltip": "The token fuser, from Mimir Token Fuser Loader."}),
+            "model": ("MIMIR_MODEL", {"tooltip": "Only for a T5-only model (no LLM and fuser connected, e.g. "
+                                                 "mimir-demo T5-only): the prompt is encoded to the number of T5 "
+                                                 "tokens its transformer was trained on."}),
             "prompt_cache": ("BOOLEAN", {
                 "default": True,
                 "tooltip": "Keep encoded prompts (T5 + LLM features, before the fuser) in ComfyUI's user folder "
@@ -95,9 +114,23 @@ class MimirTextEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Encodes a prompt the Mimir way: T5 tokens plus the LLM's query, answer and instruction tokens, "
-                   "merged by the token fuser.")
+                   "merged by the token fuser. With no LLM and fuser (a T5-only model, connected as model), T5 "
+                   "alone as plain CogVideoX. Prompt words a tokenizer does not know are named in the log.")
 
-    def encode(self, t5, llm, fuser, prompt, answer_tokens, instructions, answer_seed, prompt_cache=True):
+    @classmethod
+    def VALIDATE_INPUTS(cls, t5=None, llm=_UNLINKED, fuser=_UNLINKED, model=_UNLINKED):
+        # t5 (required) is named so that ComfyUI, which reports once per named input it passes, reports at all
+        fault = check_text_sources(llm is not _UNLINKED, fuser is not _UNLINKED, model is not _UNLINKED)
+        return fault or True
+
+    def encode(self, t5, prompt, answer_tokens, instructions, answer_seed, llm=None, fuser=None, model=None,
+               prompt_cache=True):
+        fault = check_text_sources(llm is not None, fuser is not None, model is not None)
+        if fault:
+            raise ValueError(fault)
+        if fuser is None:  # a T5-only model: never cached, as the library caches only LLM features
+            features = _text_side(t5, model=model).encode_features([prompt])
+            return conditioning(features.t5, "t5"), features
         config = _encoder_config(fuser, answer_tokens, instructions)
         services.check_interrupted()
         if not prompt_cache:

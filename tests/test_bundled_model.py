@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from mimir.cli import main
+from mimir.components import load_transformer
 from mimir.demo import DEMO_GUIDANCE, DEMO_STEPS
 from mimir.demo.analysis import analyse, parse_caption
 from mimir.demo.build import Recipe, model_card
-from mimir.loading import DEMO_MODEL_DIR, load_pipeline
+from mimir.loading import DEMO_MODEL_DIR, DEMO_T5_ONLY_DIR, load_pipeline
 from mimir.video import read_video
 
 # Fixed before the model was trained; the first is the README's command. Canonical and paraphrased wordings.
@@ -55,3 +56,26 @@ def test_generate_without_model_arguments_uses_the_bundled_model(tmp_path, capsy
     frames = read_video(out)
     assert tuple(frames.shape) == (9, 64, 64, 3)
     assert analyse(frames.float() / 255)["colour"] == "yellow"
+
+
+def test_bundled_t5_only_arm_is_a_plain_cogvideox_dit_on_the_demos_parts():
+    """The T5-only arm (t5_only/transformer) with the demo's VAE, T5 and scheduler: it reads the T5 length it was
+    trained on (its config's max_text_seq_length, the fuser's text_len), and its own weights."""
+    arm = DEMO_T5_ONLY_DIR / "transformer"
+    assert arm.is_dir(), f"the bundled T5-only arm is missing: {arm}"
+    pipe = load_pipeline(DEMO_MODEL_DIR, transformer_path=arm, with_fuser=False)
+    text_len = json.loads((arm / "config.json").read_text())["max_text_seq_length"]
+    fuser_text_len = json.loads((DEMO_MODEL_DIR / "build.json").read_text())["recipe"]["text_len"]
+    assert pipe.fuser is None and pipe.llm is None and pipe.text_len == text_len == fuser_text_len == 24
+    reference, _ = load_transformer(arm)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.state_dict().values(),
+                                                   reference.state_dict().values()))
+    cond, uncond = pipe.encode_prompt("a red circle moves up")
+    assert cond.shape == uncond.shape == (1, 24, pipe.transformer.config.text_embed_dim)
+
+
+def test_generate_no_fuser_without_a_model_uses_the_bundled_t5_only_arm(tmp_path, capsys):
+    out = tmp_path / "v.webp"
+    assert main(["generate", "a red circle moves up", "--no-fuser", "--steps", "2", "-o", str(out)]) == 0
+    assert "model: demo, T5-only arm" in capsys.readouterr().out
+    assert tuple(read_video(out).shape) == (9, 64, 64, 3)

@@ -151,6 +151,51 @@ def test_no_fuser_reads_neither_the_fuser_nor_the_llm(model_dir, tmp_path, capsy
     assert code == 0, err
 
 
+@pytest.fixture
+def demo_with_t5_only_arm(model_dir, tmp_path, monkeypatch):
+    """A tiny stand-in for the bundled demo and its T5-only arm (a DiT reading 12 T5 tokens), in their layout."""
+    import shutil
+
+    import mimir.loading
+    from mimir.testing import tiny_transformer
+
+    demo = shutil.copytree(model_dir, tmp_path / "demo")
+    tiny_transformer("5b", text_len=12, seed=7).save_pretrained(str(demo / "t5_only" / "transformer"))
+    monkeypatch.setattr(mimir.loading, "DEMO_MODEL_DIR", demo)
+    monkeypatch.setattr(mimir.loading, "DEMO_T5_ONLY_DIR", demo / "t5_only")
+    return demo
+
+
+def test_no_fuser_without_a_model_runs_the_demos_t5_only_arm(demo_with_t5_only_arm, tmp_path, capsys, monkeypatch):
+    from mimir.demo import DEMO_GUIDANCE, DEMO_STEPS
+
+    seen = {}
+    real = MimirPipeline.denoise
+
+    def denoise(pipe, cond, uncond, frames, height, width, steps, guidance, *args, **kwargs):
+        seen.update(fuser=pipe.fuser, cond=cond.shape, steps=steps, guidance=guidance, size=(frames, height, width))
+        return real(pipe, cond, uncond, frames, height, width, 1, guidance, *args, **kwargs)
+
+    monkeypatch.setattr(MimirPipeline, "denoise", denoise)
+    code, stdout, err = run(capsys, "generate", "a red circle", "--no-fuser", "-o", tmp_path / "v.webp")
+    assert code == 0, err
+    assert "model: demo, T5-only arm" in stdout
+    # the arm's DiT, its 12 T5 tokens, the demo's steps and guidance, its training size (tiny: 9 x 32 x 32)
+    assert seen == dict(fuser=None, cond=(1, 12, 32), steps=DEMO_STEPS, guidance=DEMO_GUIDANCE, size=(9, 32, 32))
+
+
+def test_no_fuser_without_a_model_names_a_missing_t5_only_arm(model_dir, tmp_path, capsys, monkeypatch):
+    import mimir.loading
+
+    monkeypatch.setattr(mimir.loading, "DEMO_MODEL_DIR", model_dir)
+    monkeypatch.setattr(mimir.loading, "DEMO_T5_ONLY_DIR", tmp_path / "t5_only")
+    monkeypatch.setattr(mimir.loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, _, err = run(capsys, "generate", "x", "--no-fuser", "-o", tmp_path / "v.mp4")
+    assert code == 2 and "T5-only arm, which is not installed" in err and str(tmp_path / "t5_only") in err
+    code, _, err = run(capsys, "generate", "x", "--no-fuser", "--llm", model_dir / "llm", "-o", tmp_path / "v.mp4")
+    assert code == 2 and "--no-fuser reads T5 alone" in err
+
+
 def test_vae_override_takes_the_transformers_scaling_factor(model_dir, tmp_path, capsys, monkeypatch):
     """A single-file VAE without metadata does not tell its scaling factor; a 5B transformer needs 0.7."""
     import shutil
@@ -183,10 +228,10 @@ def test_unset_sizes_follow_the_variant_not_the_sample_size():
         pipe = SimpleNamespace(transformer=SimpleNamespace(config=FrozenDict(TRANSFORMER_CONFIGS[variant])),
                                codec=SimpleNamespace(spatial=8))
         args = SimpleNamespace(frames=None, height=None, width=None, steps=None)
-        _defaults(args, pipe, "model")
+        _defaults(args, pipe, demo=False)
         assert (args.frames, args.height, args.width, args.steps) == (*expected, 50), variant
     args = SimpleNamespace(frames=17, height=None, width=640, steps=None)
-    _defaults(args, pipe, "model")
+    _defaults(args, pipe, demo=False)
     assert (args.frames, args.height, args.width) == (17, 480, 640)
 
 

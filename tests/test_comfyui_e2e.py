@@ -39,7 +39,7 @@ from transformers import AutoTokenizer
 from mimir.components import load_scheduler, load_token_fuser, load_transformer
 from mimir.demo.analysis import analyse, parse_caption
 from mimir.fuser import FuserConfig, TokenFuser, save_fuser
-from mimir.loading import DEMO_MODEL_DIR, save_pipeline, save_single_file
+from mimir.loading import DEMO_MODEL_DIR, DEMO_T5_ONLY_DIR, save_pipeline, save_single_file
 from mimir.pipeline import MimirPipeline
 from mimir.sampler import TextStream
 from mimir.testing import tiny_components, tiny_llm, tiny_t5, tiny_transformer, tiny_vae, word_tokenizer
@@ -89,7 +89,7 @@ def write_tiny_models(models: Path) -> None:
     }
     for loader, names in _loader_names().items():
         folder, write = writers[loader]
-        for name in names - {"mimir-demo (bundled)"}:
+        for name in names - {"mimir-demo (bundled)", "mimir-demo T5-only (bundled)"}:
             path = models / folder / name
             path.parent.mkdir(parents=True, exist_ok=True)
             write(path)
@@ -259,6 +259,45 @@ def test_demo_workflow(comfyui):
     assert count == sampler["frames"] and size == (sampler["height"], sampler["width"])
     wanted = parse_caption(prompt)
     assert (found["colour"], found["direction"]) == (wanted["colour"], wanted["direction"]), found
+
+
+def test_demo_vs_t5_workflow_runs_both_bundled_arms(comfyui):
+    workflow = json.loads((API_DIR / "mimir_demo_vs_t5.json").read_text())
+    arm_loader = next(k for k, n in workflow.items() if n["inputs"].get("model_name") == "mimir-demo T5-only (bundled)")
+    if not (DEMO_T5_ONLY_DIR / "transformer").is_dir():
+        status, body = comfyui.post("/prompt", {"prompt": workflow})
+        print(f"T5-only arm absent ({DEMO_T5_ONLY_DIR}): /prompt answered {status}")
+        assert status == 400 and [e["extra_info"]["input_name"] for e in body["node_errors"][arm_loader]["errors"]] \
+            == ["model_name"]
+        return
+    entry = comfyui.wait(comfyui.queue(workflow))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    sampler = next(n["inputs"] for n in workflow.values() if n["class_type"] == "MimirSampler")
+    videos = {n["inputs"]["filename_prefix"]: _video_of(comfyui, entry, k) for k, n in workflow.items()
+              if n["class_type"] == "SaveVideo"}
+    for prefix, frames in videos.items():
+        print(f"demo vs T5: {prefix}: {len(frames)} frames of {frames[0].shape[1]}x{frames[0].shape[0]}")
+        assert len(frames) == sampler["frames"] and frames[0].shape[:2] == (sampler["height"], sampler["width"])
+    mimir, t5_only = videos.values()
+    assert any((a != b).any() for a, b in zip(mimir, t5_only))  # two DiTs, two text streams
+    log = comfyui.log.read_text()
+    assert "'crimson'" in log and "T5 tokenizer does not know" in log  # the prompt's unknown words are named
+
+
+def test_text_encode_without_its_sources_is_refused_at_queue_time(comfyui):
+    """Mimir Text Encode's VALIDATE_INPUTS: half a Mimir encoder, or T5 alone without the model, is a 400."""
+    base = json.loads((API_DIR / "mimir_demo_vs_t5.json").read_text())
+    encoders = {n["_meta"]["title"]: k for k, n in base.items() if n["class_type"] == "MimirTextEncode"}
+    cases = [("Mimir: positive prompt", "fuser", "Save Video: T5 only", "connect both the LLM and the token fuser"),
+             ("T5 only: positive prompt", "model", "Save Video: Mimir", "with no LLM and fuser")]
+    for title, removed, other_arm, message in cases:
+        workflow = {k: n for k, n in json.loads(json.dumps(base)).items() if n["_meta"]["title"] != other_arm}
+        del workflow[encoders[title]]["inputs"][removed]
+        status, body = comfyui.post("/prompt", {"prompt": workflow})
+        errors = body["node_errors"][encoders[title]]["errors"]
+        print(f"{title} without {removed}: {status} {errors[0]['details']}")
+        assert status == 400 and {e["type"] for e in errors} == {"custom_validation_failed"}
+        assert all(e["details"].split(" - ", 1)[1].startswith(message) for e in errors)
 
 
 def test_saved_encoded_prompts_replace_t5_and_the_llm(comfyui):

@@ -178,11 +178,54 @@ def test_plain_cogvideox_folder_loads_without_fuser(tmp_path):
     assert not (tmp_path / "llm").exists() and not (tmp_path / "fuser.safetensors").exists()
     loaded = load_pipeline(tmp_path)
     assert loaded.fuser is None and loaded.llm is None
-    # plain CogVideoX reads 226 T5 tokens: the 2B-style position table is sized for them
-    assert loaded.transformer.config.max_text_seq_length == 226
-    pipe.transformer, _ = load_transformer(tmp_path, text_len=226)
+    # plain CogVideoX reads as many T5 tokens as its transformer was made for (this tiny one: 20)
+    assert loaded.transformer.config.max_text_seq_length == loaded.text_len == pipe.text_len == 20
     assert torch.equal(pipe("a red ball", **CALL), loaded("a red ball", **CALL))
     assert describe(tmp_path)["mimir"] is False
+
+
+def test_real_size_transformer_config_reads_226_t5_tokens(tmp_path):
+    """Every published CogVideoX says max_text_seq_length 226: T5-only pipelines of them encode 226 tokens."""
+    parts = {**tiny_components("2b"), "fuser": None, "llm": None, "llm_tokenizer": None,
+             "transformer": tiny_transformer("2b", text_len=226)}
+    save_pipeline(MimirPipeline(**parts), tmp_path)
+    loaded = load_pipeline(tmp_path)
+    cond, uncond = loaded.encode_prompt("a red circle")
+    assert loaded.text_len == 226 and cond.shape == uncond.shape == (1, 226, 32)
+
+
+def write_t5_only_arm(root: Path, text_len: int) -> Path:
+    """A T5-only arm beside a Mimir folder, in the bundled demo's layout: root/t5_only/transformer."""
+    arm = root / "t5_only" / "transformer"
+    tiny_transformer("5b", text_len=text_len, seed=7).save_pretrained(str(arm), safe_serialization=True)
+    return arm
+
+
+def test_t5_only_arm_equals_the_same_dit_through_a_pass_through_fuser(tmp_path):
+    """A fresh fuser without stabilizer, answer or instruction tokens gives the T5 stream exactly (its zero-convs
+    are zero): through it and without any fuser, the arm's DiT must see the same text, so the same latents."""
+    length = 12
+    save_pipeline(MimirPipeline(**tiny_components("5b")), tmp_path / "mimir")
+    arm = write_t5_only_arm(tmp_path / "mimir", length)
+    pass_through = tmp_path / "pass_through.safetensors"
+    save_fuser(TokenFuser(FuserConfig(t5_dim=32, llm_dim=48, text_len=length, stabilizer_tokens=0, instructions=(),
+                                      answer_tokens=0)), pass_through)
+    fused = load_pipeline(tmp_path / "mimir", transformer_path=arm, fuser_path=pass_through)
+    t5_only = load_pipeline(tmp_path / "mimir", transformer_path=arm, with_fuser=False)
+    assert t5_only.fuser is None and t5_only.llm is None and fused.llm is not None
+    assert t5_only.text_len == fused.text_len == length
+    assert same_state(t5_only.transformer, load_transformer(arm)[0])
+    assert torch.equal(fused("a red circle moves up", **CALL), t5_only("a red circle moves up", **CALL))
+
+
+def test_transformer_path_is_checked_before_any_weights_load(tmp_path, monkeypatch):
+    save_pipeline(MimirPipeline(**tiny_components("5b")), tmp_path / "mimir")
+    for name in ("load_transformer", "load_token_fuser", "load_llm", "load_t5", "load_vae"):
+        monkeypatch.setattr(loading.components, name, lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(FileNotFoundError, match="transformer_path .*t5_only.*no such folder"):
+        load_pipeline(tmp_path / "mimir", transformer_path=tmp_path / "mimir" / "t5_only" / "transformer")
+    with pytest.raises(ValueError, match="transformer_path: .*vae: not a CogVideoX transformer"):
+        load_pipeline(tmp_path / "mimir", transformer_path=tmp_path / "mimir" / "vae")
 
 
 def test_pipeline_with_external_fuser_and_llm(saved, tmp_path):

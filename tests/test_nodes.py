@@ -7,6 +7,8 @@ loading, type conversions (CONDITIONING, LATENT order and scaling, IMAGE) and no
 import dataclasses
 import importlib.util
 import inspect
+import logging
+import shutil
 
 import pytest
 import torch
@@ -14,11 +16,11 @@ from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
 from torch import nn
 
 from mimir.fuser import save_fuser
-from mimir.loading import save_pipeline, save_single_file
+from mimir.loading import load_pipeline, save_pipeline, save_single_file
 from mimir.pipeline import MimirPipeline
 from mimir.sampler import TextStream
 from mimir.speed import StepCache
-from mimir.testing import real_scheduler, tiny_components
+from mimir.testing import real_scheduler, tiny_components, tiny_transformer
 from mimir.text import LLMTextEncoder, encode_t5
 
 PROMPT = "a red circle moves to the left"
@@ -126,7 +128,7 @@ WIDGETS = {
     "MimirFuserLoader": ["fuser_name"],
     "MimirModelLoader": ["model_name", "dtype", "blocks_to_swap", "attention"],
     "MimirVAELoader": ["vae_name", "dtype"],
-    "MimirTextEncode": ["t5", "llm", "fuser", "prompt", "answer_tokens", "instructions", "answer_seed",
+    "MimirTextEncode": ["t5", "prompt", "answer_tokens", "instructions", "answer_seed", "llm", "fuser", "model",
                         "prompt_cache"],
     "MimirT5TextEncode": ["t5", "prompt", "text_len"],
     "MimirSaveEncodedPrompt": ["features", "name"],
@@ -161,6 +163,7 @@ def test_loaders_list_files_and_model_folders(nodes, services, tiny, tmp_path, m
     loaders = nodes["MimirT5Loader"].__module__
     demo = tmp_path / "demo"
     monkeypatch.setattr(f"{loaders}.DEMO_MODEL_DIR", demo)  # not installed, until the folders below exist
+    monkeypatch.setattr(f"{loaders}.DEMO_T5_ONLY_DIR", demo / "t5_only")
     assert choices("MimirT5Loader", "t5_name") == ["tiny-t5", "tiny_t5.safetensors"]
     assert choices("MimirLLMLoader", "llm_name") == ["tiny-phi3"]
     assert choices("MimirFuserLoader", "fuser_name") == ["other_fuser.safetensors", "tiny_fuser.safetensors"]
@@ -174,6 +177,12 @@ def test_loaders_list_files_and_model_folders(nodes, services, tiny, tmp_path, m
     for node, field in [("MimirT5Loader", "t5_name"), ("MimirLLMLoader", "llm_name"), ("MimirFuserLoader", "fuser_name"),
                         ("MimirModelLoader", "model_name"), ("MimirVAELoader", "vae_name")]:
         assert choices(node, field)[0] == "mimir-demo (bundled)"
+    assert "mimir-demo T5-only (bundled)" not in choices("MimirModelLoader", "model_name")
+    (demo / "t5_only" / "transformer").mkdir(parents=True)  # the T5-only arm: a DiT, for the Model Loader only
+    assert choices("MimirModelLoader", "model_name")[:2] == ["mimir-demo (bundled)", "mimir-demo T5-only (bundled)"]
+    assert not any("T5-only" in name for node, field in [("MimirT5Loader", "t5_name"), ("MimirLLMLoader", "llm_name"),
+                                                         ("MimirFuserLoader", "fuser_name")]
+                   for name in choices(node, field))
 
 
 def test_loaders_report_what_they_loaded(nodes):
@@ -289,6 +298,63 @@ def test_t5_only_encode_is_diffusers_cogvideox_encoding(nodes, tiny):
                                      c["scheduler"]).encode_prompt(PROMPT, do_classifier_free_guidance=False)[0]
     assert cond[0][1] == {"mimir_encoder": "t5"} and cond[0][0].shape == (1, 226, 32)
     assert torch.equal(cond[0][0], expected)
+
+
+@pytest.fixture
+def demo_arms(pack, tiny, tmp_path, monkeypatch):
+    """A tiny stand-in for the bundled demo (a Mimir folder) and its T5-only arm (a DiT reading 12 T5 tokens)."""
+    _, c, _ = tiny
+    demo = tmp_path / "demo"
+    save_pipeline(MimirPipeline(**c), demo)
+    tiny_transformer("5b", text_len=12, seed=7).save_pretrained(str(demo / "t5_only" / "transformer"))
+    monkeypatch.setattr(pack.nodes.loaders, "DEMO_MODEL_DIR", demo)
+    monkeypatch.setattr(pack.nodes.loaders, "DEMO_T5_ONLY_DIR", demo / "t5_only")
+    return demo
+
+
+def test_the_demos_t5_only_arm_is_the_librarys(nodes, demo_arms):
+    """Model Loader's mimir-demo T5-only and Mimir Text Encode without LLM and fuser: the library's T5-only arm."""
+    choices = nodes["MimirModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert choices[:2] == ["mimir-demo (bundled)", "mimir-demo T5-only (bundled)"]
+    t5 = run(nodes, "MimirT5Loader", t5_name="mimir-demo (bundled)", dtype="auto")[0]
+    model = run(nodes, "MimirModelLoader", model_name="mimir-demo T5-only (bundled)", dtype="auto",
+                blocks_to_swap=0)[0]
+    pos, neg = (run(nodes, "MimirTextEncode", t5=t5, model=model, prompt=p, answer_tokens=-1, instructions="",
+                    answer_seed=0)[0] for p in (PROMPT, ""))
+    assert pos[0][1] == {"mimir_encoder": "t5"} and pos[0][0].shape == (1, 12, 32)
+    latent = sample(nodes, model, pos, neg)
+    arm = demo_arms / "t5_only" / "transformer"
+    pipe = load_pipeline(demo_arms, transformer_path=arm, with_fuser=False)
+    assert model.info.vae_scaling_factor == pipe.vae.config.scaling_factor == SCALING  # the demo's VAE
+    assert model.scheduler.config == pipe.scheduler.config  # and its scheduler
+    expected = pipe(PROMPT, num_frames=9, height=32, width=32, steps=2, guidance=6.0, seed=3, output_type="latent")
+    assert (to_diffusion(latent) - expected).abs().max() <= 1e-5
+    shutil.rmtree(arm)
+    assert "mimir-demo T5-only (bundled)" not in nodes["MimirModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    with pytest.raises(FileNotFoundError, match="^model_name: the bundled demo's T5-only arm is not installed"):
+        run(nodes, "MimirModelLoader", model_name="mimir-demo T5-only (bundled)", dtype="auto", blocks_to_swap=0)
+
+
+def test_text_encode_needs_the_llm_and_fuser_or_a_t5_only_model(nodes):
+    """Checked when the graph is queued (ComfyUI passes linked inputs as None, leaves unlinked ones out) and run."""
+    validate = nodes["MimirTextEncode"].VALIDATE_INPUTS
+    assert validate(t5=None, llm=None, fuser=None) is True and validate(t5=None, model=None) is True
+    assert validate(t5=None, llm=None, fuser=None, model=None) is True
+    assert validate(t5=None, llm=None).startswith("connect both the LLM and the token fuser")
+    assert validate(t5=None, fuser=None, model=None).startswith("connect both the LLM and the token fuser")
+    assert validate(t5=None).startswith("with no LLM and fuser the prompt is encoded by T5 alone: connect the model")
+    m = load_all(nodes)
+    with pytest.raises(ValueError, match="^connect both the LLM and the token fuser"):
+        run(nodes, "MimirTextEncode", t5=m["t5"], llm=m["llm"], prompt=PROMPT, answer_tokens=-1, instructions="",
+            answer_seed=0)
+
+
+def test_text_encode_names_unknown_words_in_the_log(nodes, caplog):
+    m = load_all(nodes)
+    with caplog.at_level(logging.WARNING):
+        encode(nodes, m, prompt="a red zebra moves up", prompt_cache=False)
+    warned = [r.getMessage() for r in caplog.records if "zebra" in r.getMessage()]
+    assert len(warned) == 2 and "T5 tokenizer" in warned[0] and "LLM tokenizer" in warned[1]
 
 
 def test_encoded_prompt_round_trip(nodes, services, tiny):

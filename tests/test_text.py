@@ -7,7 +7,7 @@ from diffusers import CogVideoXPipeline
 from mimir.fuser import FuserConfig
 from mimir.pipeline import MimirPipeline
 from mimir.testing import tiny_components, tiny_llm, uncached_llm_features, word_tokenizer
-from mimir.text import LLMTextEncoder, TextFeatures, encode_t5
+from mimir.text import LLMTextEncoder, TextFeatures, encode_t5, unknown_words
 
 PROMPT = "a red circle moves to the left"
 
@@ -36,6 +36,26 @@ def test_long_prompt_warns_how_many_tokens_were_dropped(caplog):
     with caplog.at_level(logging.WARNING, logger="mimir.text"):
         encode_t5(c["tokenizer"], c["text_encoder"], [prompt], max_length=16)
     assert "5 tokens were dropped" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["t5", "llm"])
+def test_unknown_words_are_the_words_a_word_level_tokenizer_reads_as_unk(kind):
+    tokenizer = word_tokenizer(kind=kind)
+    assert unknown_words(tokenizer, "a red zebra moves up") == ["zebra"]
+    assert unknown_words(tokenizer, "A Red circle moves UP") == []  # the demo's tokenizers lower-case
+    assert unknown_words(tokenizer, "") == []
+
+
+def test_prompt_encoding_names_the_unknown_words_of_each_tokenizer(caplog):
+    pipe = MimirPipeline(**tiny_components())
+    with caplog.at_level(logging.WARNING, logger="mimir"):
+        pipe.encode_prompt("a red circle moves up")
+    assert not caplog.records  # known words only (and the empty negative prompt): nothing to say
+    with caplog.at_level(logging.WARNING, logger="mimir"):
+        pipe.encode_prompt("a red zebra moves up")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and all("'zebra'" in m and "'a red zebra moves up'" in m for m in messages)
+    assert "T5 tokenizer" in messages[0] and "LLM tokenizer" in messages[1]
 
 
 @pytest.mark.parametrize("arch", ["phi3", "llama"])

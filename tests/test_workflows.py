@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_DIR = ROOT / "workflows" / "api"
 BUNDLED = "mimir-demo (bundled)"
+BUNDLED_T5_ONLY = "mimir-demo T5-only (bundled)"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # notes live in the UI file only
@@ -61,17 +62,18 @@ def definitions(pack, tmp_path_factory):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
     demo = tmp_path_factory.mktemp("demo")
-    for part in ("transformer", "vae", "text_encoder", "llm"):
-        (demo / part).mkdir()
+    for part in ("transformer", "vae", "text_encoder", "llm", "t5_only/transformer"):
+        (demo / part).mkdir(parents=True)
     (demo / "fuser.safetensors").touch()
     services, loaders = pack.nodes.comfy_services, pack.nodes.loaders
     services.use_models_dir(models)
     real_demo, loaders.DEMO_MODEL_DIR = loaders.DEMO_MODEL_DIR, demo
+    real_arm, loaders.DEMO_T5_ONLY_DIR = loaders.DEMO_T5_ONLY_DIR, demo / "t5_only"
     try:
         defs = {name: {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES)}
                 for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
     finally:
-        loaders.DEMO_MODEL_DIR = real_demo
+        loaders.DEMO_MODEL_DIR, loaders.DEMO_T5_ONLY_DIR = real_demo, real_arm
         services.use_models_dir(None)
     return {**json.loads(json.dumps(defs)), **CORE_NODES}
 
@@ -184,9 +186,10 @@ def api_graph(path, definitions):
     return graph
 
 
-def test_there_are_the_three_workflows_with_api_twins():
+def test_there_are_the_four_workflows_with_api_twins():
     names = [p.name for p in UI_FILES]
-    assert names == ["mimir_cogvideox5b_phi35.json", "mimir_demo_bundled.json", "mimir_vs_t5_baseline_cogvideox5b.json"]
+    assert names == ["mimir_cogvideox5b_phi35.json", "mimir_demo_bundled.json", "mimir_demo_vs_t5.json",
+                     "mimir_vs_t5_baseline_cogvideox5b.json"]
     assert sorted(p.name for p in API_DIR.glob("*.json")) == names
 
 
@@ -210,17 +213,41 @@ def test_demo_workflow_is_marked_until_the_demo_model_exists(pack):
         assert not any("Not runnable yet" in note for note in notes), "the demo model exists: unmark the workflow"
 
 
-def test_demo_workflow_samples_the_bundled_model_as_the_cli_does():
+@pytest.mark.parametrize("name", ["mimir_demo_bundled", "mimir_demo_vs_t5"])
+def test_demo_workflows_sample_the_bundled_model_as_the_cli_does(name):
     """Size and frames of the model, and the demo's steps and guidance (mimir.demo), as `mimir generate` uses."""
     from mimir.demo import DEMO_GUIDANCE, DEMO_STEPS
     from mimir.loading import DEMO_MODEL_DIR
 
-    workflow = json.loads((API_DIR / "mimir_demo_bundled.json").read_text())
-    (sampler,) = [n["inputs"] for n in workflow.values() if n["class_type"] == "MimirSampler"]
+    workflow = json.loads((API_DIR / f"{name}.json").read_text())
+    samplers = [n["inputs"] for n in workflow.values() if n["class_type"] == "MimirSampler"]
     config = json.loads((DEMO_MODEL_DIR / "transformer" / "config.json").read_text())
-    assert (sampler["width"], sampler["height"], sampler["frames"]) == (
-        config["sample_width"] * 8, config["sample_height"] * 8, config["sample_frames"])
-    assert (sampler["steps"], sampler["cfg"]) == (DEMO_STEPS, DEMO_GUIDANCE)
+    for sampler in samplers:
+        assert (sampler["width"], sampler["height"], sampler["frames"]) == (
+            config["sample_width"] * 8, config["sample_height"] * 8, config["sample_frames"])
+        assert (sampler["steps"], sampler["cfg"]) == (DEMO_STEPS, DEMO_GUIDANCE)
+
+
+def test_demo_vs_t5_runs_the_two_bundled_arms_on_the_same_prompt_and_seed():
+    workflow = json.loads((API_DIR / "mimir_demo_vs_t5.json").read_text())
+    samplers = [n["inputs"] for n in workflow.values() if n["class_type"] == "MimirSampler"]
+    widgets = [{k: v for k, v in s.items() if not isinstance(v, list)} for s in samplers]
+    assert len(samplers) == 2 and widgets[0] == widgets[1]
+    arms = {}
+    for sampler in samplers:
+        model = sampler["model"][0]
+        encoders = [workflow[sampler[side][0]] for side in ("positive", "negative")]
+        assert all(e["class_type"] == "MimirTextEncode" for e in encoders)
+        links = {frozenset(k for k, v in e["inputs"].items() if isinstance(v, list)) for e in encoders}
+        arms[workflow[model]["inputs"]["model_name"]] = (links, [e["inputs"]["prompt"] for e in encoders], encoders)
+    assert set(arms) == {BUNDLED, BUNDLED_T5_ONLY}
+    assert arms[BUNDLED][0] == {frozenset({"t5", "llm", "fuser"})}
+    assert arms[BUNDLED_T5_ONLY][0] == {frozenset({"t5", "model"})}  # T5 alone, its length from the T5-only DiT
+    t5_only_model = next(s["model"] for s in samplers if workflow[s["model"][0]]["inputs"]["model_name"] == BUNDLED_T5_ONLY)
+    assert all(e["inputs"]["model"] == t5_only_model for e in arms[BUNDLED_T5_ONLY][2])
+    assert arms[BUNDLED][1] == arms[BUNDLED_T5_ONLY][1] and arms[BUNDLED][1][1] == ""
+    prefixes = [n["inputs"]["filename_prefix"] for n in workflow.values() if n["class_type"] == "SaveVideo"]
+    assert sorted(prefixes) == ["mimir/demo_vs_t5/mimir", "mimir/demo_vs_t5/t5_only"]
 
 
 def test_baseline_runs_both_branches_on_the_same_seed_and_settings():
