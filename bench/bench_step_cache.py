@@ -69,7 +69,8 @@ def psnr(frames: torch.Tensor, reference: torch.Tensor) -> float:
 def measure(pipe, caches: list[StepCache], prompts: list[dict], seeds: list[int], steps: int) -> dict:
     """-> {cache or None (uncached): Arm}."""
     cfg = pipe.transformer.config
-    size = dict(num_frames=cfg.sample_frames, height=cfg.sample_height * 8, width=cfg.sample_width * 8)
+    spatial = pipe.codec.spatial
+    size = dict(num_frames=cfg.sample_frames, height=cfg.sample_height * spatial, width=cfg.sample_width * spatial)
     arms = {cache: Arm() for cache in [None, *caches]}
     warm = pipe.encode_prompt(make_dataset(1, seed=1)[0].caption, "")  # a training caption, not a held-out one
     for cache in arms:  # warms every arm up; MagCache calibrates here

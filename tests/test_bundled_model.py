@@ -15,8 +15,11 @@ from mimir.demo.build import Recipe, model_card
 from mimir.loading import DEMO_MODEL_DIR, DEMO_T5_ONLY_DIR, load_pipeline
 from mimir.video import read_video
 
-# Fixed before the model was trained; the first is the README's command. Canonical and paraphrased wordings.
-PROMPTS = ("a red circle moves to the right", "two blue squares moving up", "a single green triangle falls")
+# Fixed before the model was trained. Canonical captions, and prompts in words only the text corpus uses.
+PROMPTS = ("a red circle moves to the right", "two blue squares moving up", "a crimson ball rises",
+           "a pair of golden wedges sink")
+MEANING = {"a crimson ball rises": {"colour": "red", "direction": "up"},
+           "a pair of golden wedges sink": {"colour": "yellow", "direction": "down"}}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def demo():
 
 
 def test_bundled_model_is_small_and_a_full_mimir_pipeline(demo):
-    size = sum(p.stat().st_size for p in DEMO_MODEL_DIR.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in DEMO_MODEL_DIR.rglob("*") if p.is_file())  # both arms
     assert size <= 25 * 2**20
     assert demo.fuser is not None and demo.llm is not None and demo.fuser.config.stabilizer_tokens == 4
 
@@ -42,10 +45,10 @@ def test_bundled_model_was_built_by_the_current_recipe():
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_bundled_model_shows_the_prompted_colour_and_direction(demo, prompt):
-    frames = demo(prompt, num_frames=9, height=64, width=64, steps=DEMO_STEPS, guidance=DEMO_GUIDANCE,
+    frames = demo(prompt, num_frames=9, height=48, width=48, steps=DEMO_STEPS, guidance=DEMO_GUIDANCE,
                   seed=0)[0]
-    assert frames.shape == (9, 64, 64, 3)
-    found, wanted = analyse(frames), parse_caption(prompt)
+    assert frames.shape == (9, 48, 48, 3)
+    found, wanted = analyse(frames), MEANING.get(prompt) or parse_caption(prompt)
     assert (found["colour"], found["direction"]) == (wanted["colour"], wanted["direction"]), found
 
 
@@ -54,7 +57,7 @@ def test_generate_without_model_arguments_uses_the_bundled_model(tmp_path, capsy
     assert main(["generate", "a yellow square moves to the left", "-o", str(out)]) == 0
     assert "model: demo" in capsys.readouterr().out
     frames = read_video(out)
-    assert tuple(frames.shape) == (9, 64, 64, 3)
+    assert tuple(frames.shape) == (9, 48, 48, 3)
     assert analyse(frames.float() / 255)["colour"] == "yellow"
 
 
@@ -78,4 +81,4 @@ def test_generate_no_fuser_without_a_model_uses_the_bundled_t5_only_arm(tmp_path
     out = tmp_path / "v.webp"
     assert main(["generate", "a red circle moves up", "--no-fuser", "--steps", "2", "-o", str(out)]) == 0
     assert "model: demo, T5-only arm" in capsys.readouterr().out
-    assert tuple(read_video(out).shape) == (9, 64, 64, 3)
+    assert tuple(read_video(out).shape) == (9, 48, 48, 3)

@@ -1,6 +1,7 @@
 """`mimir cache`: training from the cache equals training from the videos; the cache resumes shard by shard."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from mimir.testing import tiny_train_components
 from mimir.train import TrainConfig, build_cache, main_cache, train
 from mimir.train.cache import CachedDataset, cached_prompts, describe_cache, shard_name
-from mimir.train.loop import sample_generator
+from mimir.train.loop import batch_inputs, sample_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,6 +34,28 @@ def test_first_step_loss_from_cache_equals_raw_video(world_clips, tiny_run, tmp_
     from_cache = train(cached, tiny_train_components(), progress=False)["first_loss"]
     print(f"first-step loss: from video {from_video:.8f}, from cache {from_cache:.8f}")
     assert from_cache == pytest.approx(from_video, rel=1e-5)
+
+
+def test_t5_dropout_empties_t5_alone_and_is_the_same_from_cache_and_video(world_clips, tiny_run, tmp_path):
+    """t5_dropout (each encoder dropped on its own, as SD3 trains): a caption's T5 features become the empty
+    prompt's while its LLM features stay; the cached and the raw-video paths agree."""
+    clips = world_clips(5)
+    common = dict(batch_size=3, max_steps=1, text_dropout=0.0, t5_dropout=0.5, seed=0, lr=1e-3, **tiny_run)
+    cached = TrainConfig(data=str(clips), cache=str(tmp_path / "cache"), output_dir=str(tmp_path / "c"), **common)
+    build_cache(cached, tiny_train_components(), progress=False)
+    dataset = CachedDataset(tmp_path / "cache")
+    rows, empty = [dataset[(i, 0)] for i in range(2)], dataset.empty_prompt()
+    batch = {"latent_params": torch.stack([r["latent_params"] for r in rows]), "features": [r["features"] for r in rows]}
+    pipe = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(patch_size_t=None)))
+    _, features = batch_inputs(pipe, batch, [False, False], [True, False], [torch.Generator()] * 2, empty, 1.0,
+                               cached, "cpu")
+    assert torch.equal(features.t5[0], empty["t5"]) and torch.equal(features.t5[1], rows[1]["features"]["t5"])
+    for i in range(2):
+        length = rows[i]["features"]["llm"].shape[0]
+        assert torch.equal(features.llm[i, :length], rows[i]["features"]["llm"])
+    from_cache = train(cached, tiny_train_components(), progress=False)["first_loss"]
+    raw = TrainConfig(data=str(clips), output_dir=str(tmp_path / "v"), **common)
+    assert train(raw, tiny_train_components(), progress=False)["first_loss"] == pytest.approx(from_cache, rel=1e-5)
 
 
 def test_cache_resumes_missing_shards_only(world_clips, tiny_model_dir, tmp_path, capsys):

@@ -91,5 +91,5 @@ def test_the_demo_smoke_config_fine_tunes_the_bundled_model(world_clips, tmp_pat
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["export"]["pipeline"]
     pipe = load_pipeline(summary["export"]["pipeline"])
-    assert pipe("a red circle moves to the right", num_frames=9, height=64, width=64, steps=1).shape == (1, 9, 64, 64, 3)
+    assert pipe("a red circle moves to the right", num_frames=9, height=48, width=48, steps=1).shape == (1, 9, 48, 48, 3)
     assert {p: p.stat().st_mtime_ns for p in DEMO_MODEL_DIR.rglob("*")} == before  # the bundled model is untouched

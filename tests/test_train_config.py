@@ -36,6 +36,7 @@ def test_yaml_json_and_overrides_typed(tmp_path):
     ({"lr": "fast"}, "lr must be float"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"text_dropout": 1.5}, "text_dropout must be in [0, 1)"),
+    ({"t5_dropout": -0.1}, "t5_dropout must be in [0, 1)"),
     ({"validate_every": 10}, "validation_prompts is empty"),
 ])
 def test_impossible_config_refused(values, message):

@@ -60,7 +60,7 @@ class Recipe:
     latent_channels: int = 8
     vae_image_steps: int = 600  # single frames
     vae_image_batch: int = 16
-    vae_steps: int = 300  # whole clips
+    vae_steps: int = 1200  # whole clips: the 4x temporal compression of moving objects needs them most
     vae_batch: int = 8
     vae_size: int = 48  # the size the VAE trains at (a convolutional VAE runs at any multiple of its factor)
     vae_lr: float = 2e-3
