@@ -8,7 +8,7 @@ the same noise and are decoded. Per method and step count:
   every other video, so the machine's load falls on all alike); "whole call" adds the encode and decode that
   both do (measured per video) to each side.
 - PSNR of the cached video's frames against the uncached video's: mean over the videos, and the worst one.
-- accuracy: colour, direction, shape and count read off the frames by bench/alignment.py's judge, cached minus
+- accuracy: colour, direction, count, shape and steadiness read off the frames by bench/alignment.py's judge, cached minus
   uncached, in points.
 
     python bench/bench_step_cache.py              # the README table: 36 prompts x 3 seeds, 25 and 50 steps
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from alignment import ATTRIBUTES, judge
+from alignment import ATTRIBUTES, COLUMNS, judge
 from common import Row, check, table
 
 from mimir.demo import DEMO_GUIDANCE
@@ -50,7 +50,7 @@ class Arm:
     denoise_s: float = 0.0
     shared_s: float = 0.0  # encode + decode
     psnr: list[float] = field(default_factory=list)
-    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ATTRIBUTES + ("all",), 0))
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COLUMNS, 0))
     videos: int = 0
 
     def speedup(self, base: Arm) -> tuple[float, float]:
@@ -92,7 +92,7 @@ def measure(pipe, caches: list[StepCache], prompts: list[dict], seeds: list[int]
         for cache, arm in arms.items():
             arm.videos += 1
             arm.psnr.append(psnr(frames[cache], frames[None]))
-            for name, ok in judge(item, frames[cache])[1].items():
+            for name, ok in judge(item, frames[cache]).items():
                 arm.hits[name] += ok
     pipe.step_cache = None
     return arms
@@ -109,16 +109,16 @@ def best(results: dict, steps: int):
 
 def markdown(results: dict) -> str:
     lines = ["| step cache | steps | speed-up, denoising | whole call | PSNR mean (worst) | colour | direction | "
-             "shape | count | all four |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "count | shape | all four | steady |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for steps, arms in results.items():
         base = arms[None]
-        cells = " | ".join(f"{100 * base.hits[n] / base.videos:.1f}%" for n in ATTRIBUTES + ("all",))
+        cells = " | ".join(f"{100 * base.hits[n] / base.videos:.1f}%" for n in COLUMNS)
         lines.append(f"| none | {steps} | 1 | 1 | - | {cells} |")
         for cache, arm in arms.items():
             if cache is None:
                 continue
             denoise, whole = arm.speedup(base)
-            points = " | ".join(f"{arm.points(base)[n]:+.1f}" for n in ATTRIBUTES + ("all",))
+            points = " | ".join(f"{arm.points(base)[n]:+.1f}" for n in COLUMNS)
             lines.append(f"| {cache} | {steps} | {denoise:.2f}x | {whole:.2f}x | "
                          f"{sum(arm.psnr) / len(arm.psnr):.1f} ({min(arm.psnr):.1f}) dB | {points} |")
     return "\n".join(lines)

@@ -97,7 +97,7 @@ def quick_build(tmp_path_factory):
 
 def test_quick_build_writes_both_arms_sharing_the_frozen_parts(quick_build):
     out, info, work = quick_build
-    assert set(info["seconds"]) == {"text", "mimir", "t5-only"} and set(info["checks"]) == {
+    assert set(info["seconds"]) == {"vae", "text", "mimir", "t5-only"} and set(info["checks"]) == {
         "vae_round_trip_heldout", "llm_restates_understanding_prompts", "llm_restates_heldout_captions"}
     for arm in ("mimir", "t5-only"):
         assert json.loads((work / arm / "run" / "summary.json").read_text())["steps"] == Recipe.quick().dit_steps
@@ -134,8 +134,11 @@ def test_quick_build_is_reproducible(quick_build, tmp_path):
 
 
 def test_stages_run_one_at_a_time_and_the_arms_in_parallel(quick_build, tmp_path):
-    """--stage text, then both arms at once (--jobs 2), then write: the same frozen parts as the one-shot build."""
+    """--stage vae, text, then both arms at once (--jobs 2), then write: the same frozen parts as the one-shot
+    build."""
     work, out = tmp_path / "work", tmp_path / "model"
+    main(["--quick", "--work", str(work), "--out", str(out), "--stage", "vae"])
+    assert (work / "vae" / "config.json").is_file() and not (work / "init-mimir").exists()
     main(["--quick", "--work", str(work), "--out", str(out), "--stage", "text"])
     assert not out.exists() and (work / "init-mimir" / "model_index.json").is_file()
     main(["--quick", "--work", str(work), "--out", str(out), "--stage", "mimir", "--stage", "t5-only", "--jobs", "2"])
@@ -163,7 +166,7 @@ def test_alignment_benchmark_prints_both_arms_on_both_sets_and_writes_gifs(quick
 
 @pytest.mark.parametrize("argv", [[], ["--out", str(DEMO_MODEL_DIR)], ["--quick", "--out", str(DEMO_MODEL_DIR)],
                                   ["--quick", "--out", str(DEMO_MODEL_DIR), "--overwrite-bundled"],
-                                  ["--quick", "--out", "x", "--stage", "text"]])
+                                  ["--quick", "--out", "x", "--stage", "vae"]])
 def test_build_never_replaces_the_bundled_model_unasked(argv, capsys):
     before = {p: p.stat().st_mtime_ns for p in DEMO_MODEL_DIR.rglob("*")}
     with pytest.raises(SystemExit) as stop:

@@ -1,10 +1,11 @@
 """Build the bundled demo model from scratch: `python -m mimir.demo.build --out DIR [--quick] [--jobs 2]`.
 
 Every stage is seeded; the same command gives the same model (up to float reduction order across CPUs).
-text stage:
+vae stage:
 1. world: render the training clips of `world.py` (train split only, narrow captions) to mp4 + captions.jsonl.
 2. vae: train a CogVideoX-architecture VAE (3 blocks: 4x spatial, 4x temporal compression) for reconstruction;
    its scaling factor is 1 / std of the latents. Its round trip is read by the analysis (build.json "checks").
+text stage:
 3. text: word-level tokenizers over the caption and corpus vocabulary; both encoders pretrained on the same text
    corpus (`corpus.py`), each with its own real objective: T5 by span-corruption denoising, the Phi-3 causal LM
    by next-token prediction plus the fuser's four instruction answers and a plain-words restatement.
@@ -35,7 +36,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from transformers import Phi3Config, Phi3ForCausalLM, T5Config, T5EncoderModel, T5ForConditionalGeneration
 
-from ..components import load_scheduler, load_transformer
+from ..components import load_scheduler, load_transformer, load_vae
 from ..fuser import DEFAULT_INSTRUCTIONS, FuserConfig, TokenFuser
 from ..loading import DEMO_MODEL_DIR, DEMO_T5_ONLY_DIR, load_pipeline, save_pipeline
 from ..pipeline import MimirPipeline
@@ -376,24 +377,21 @@ def make_fuser(recipe: Recipe) -> TokenFuser:
     return TokenFuser(recipe.fuser_config()).eval()
 
 
-def frozen_parts(recipe: Recipe, reuse: Path | None, log=print) -> tuple[dict, dict]:
-    """(VAE, tokenizers, T5 and LLM; their checks): trained here, or taken from the model folder `reuse`."""
+def text_parts(recipe: Recipe, reuse: Path | None, log=print) -> tuple[dict, dict]:
+    """(tokenizers, T5 and LLM; their checks): pretrained here on the corpus, or taken from the folder `reuse`."""
     if reuse is not None:
         pipe = load_pipeline(reuse)
-        log(f"reusing the VAE, tokenizers, T5 and LLM of {reuse}")
-        return dict(vae=pipe.vae, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, llm=pipe.llm,
+        log(f"reusing the tokenizers, T5 and LLM of {reuse}")
+        return dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, llm=pipe.llm,
                     llm_tokenizer=pipe.llm_tokenizer), {}
-    vae = train_vae(recipe, vae_clips(recipe, recipe.vae_size), log)
-    checks = {"vae_round_trip_heldout": vae_round_trip(recipe, vae)}
-    log(f"VAE round trip on held-out clips, read by the analysis: {checks['vae_round_trip_heldout']}")
     t5_tokenizer, llm_tokenizer = make_tokenizers(recipe)
     docs = documents(recipe.corpus_documents, recipe.seed)
     t5 = pretrain_t5(recipe, t5_tokenizer, docs, log)
     llm = train_llm(recipe, llm_tokenizer, docs, log)
-    checks["llm_restates_understanding_prompts"] = restatement_accuracy(llm, llm_tokenizer, understanding_prompts())
-    checks["llm_restates_heldout_captions"] = restatement_accuracy(llm, llm_tokenizer, heldout_prompts())
+    checks = {"llm_restates_understanding_prompts": restatement_accuracy(llm, llm_tokenizer, understanding_prompts()),
+              "llm_restates_heldout_captions": restatement_accuracy(llm, llm_tokenizer, heldout_prompts())}
     log(f"checks: {checks}")
-    return dict(vae=vae, tokenizer=t5_tokenizer, text_encoder=t5, llm=llm, llm_tokenizer=llm_tokenizer), checks
+    return dict(tokenizer=t5_tokenizer, text_encoder=t5, llm=llm, llm_tokenizer=llm_tokenizer), checks
 
 
 # ---- 5. cache + training with mimir.train, one run per arm ------------------------------------------------
@@ -439,7 +437,7 @@ def train_arm(recipe: Recipe, arm: str, work: Path, threads: int | None = None, 
 
 # ---- the whole build --------------------------------------------------------------------------------------
 
-STAGES = ("text", *ARMS, "write")
+STAGES = ("vae", "text", *ARMS, "write")
 
 
 def build(recipe: Recipe, out: Path = DEMO_MODEL_DIR, work: Path | None = None, reuse: Path | None = None,
@@ -455,8 +453,13 @@ def build(recipe: Recipe, out: Path = DEMO_MODEL_DIR, work: Path | None = None, 
     info = json.loads(info_path.read_text()) if info_path.exists() else {"seconds": {}}
     info.update(recipe=dataclasses.asdict(recipe), reuse=str(reuse) if reuse else None)
     try:
-        if "text" in stages:
-            info["seconds"]["text"], info["checks"] = _text_stage(recipe, work, reuse, log)
+        info.setdefault("checks", {})
+        for name, run_stage in (("vae", _vae_stage), ("text", _text_stage)):
+            if name in stages:
+                start = time.perf_counter()
+                info["checks"].update(run_stage(recipe, work, reuse, log))
+                info["seconds"][name] = round(time.perf_counter() - start, 1)
+                log(f"[{name}] {info['seconds'][name]} s")
         arms = [arm for arm in ARMS if arm in stages]
         if jobs > 1 and len(arms) > 1:
             import multiprocessing
@@ -477,19 +480,31 @@ def build(recipe: Recipe, out: Path = DEMO_MODEL_DIR, work: Path | None = None, 
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _text_stage(recipe: Recipe, work: Path, reuse: Path | None, log) -> tuple[float, dict]:
-    """World clips, then the frozen parts, saved with a fresh DiT and fuser as each arm's initial pipeline."""
-    start = time.perf_counter()
+def _vae_stage(recipe: Recipe, work: Path, reuse: Path | None, log) -> dict:
+    """World clips and the VAE (work/clips, work/vae). -> checks."""
     write_world(recipe, work / "clips")
-    parts, checks = frozen_parts(recipe, reuse, log)
+    if reuse is not None:
+        load_vae(reuse)[0].save_pretrained(str(work / "vae"), safe_serialization=True)
+        log(f"reusing the VAE of {reuse}")
+        return {}
+    vae = train_vae(recipe, vae_clips(recipe, recipe.vae_size), log)
+    vae.save_pretrained(str(work / "vae"), safe_serialization=True)
+    checks = {"vae_round_trip_heldout": vae_round_trip(recipe, vae)}
+    log(f"VAE round trip on held-out clips, read by the analysis: {checks['vae_round_trip_heldout']}")
+    return checks
+
+
+def _text_stage(recipe: Recipe, work: Path, reuse: Path | None, log) -> dict:
+    """Tokenizers, T5 and LLM, saved with the VAE and a fresh DiT and fuser as each arm's initial pipeline
+    (work/init-<arm>). -> checks."""
+    parts, checks = text_parts(recipe, reuse, log)
+    vae = load_vae(work / "vae")[0]
     for arm in ARMS:
         r = arm_recipe(recipe, arm)
         pipe = MimirPipeline(transformer=make_transformer(r), scheduler=load_scheduler("ddim", variant="5b"),
-                             fuser=make_fuser(r), **parts)
+                             fuser=make_fuser(r), vae=vae, **parts)
         save_pipeline(pipe, work / f"init-{arm}")
-    seconds = round(time.perf_counter() - start, 1)
-    log(f"[text] world, VAE, tokenizers, T5 and LLM in {seconds} s")
-    return seconds, checks
+    return checks
 
 
 def model_card(recipe: Recipe) -> str:
@@ -550,13 +565,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep clips, caches and training runs here (default: a temp "
                                                    "dir); needed to run stages one at a time")
     parser.add_argument("--stage", choices=STAGES, action="append",
-                        help="run only this stage (repeatable; default: all, in order): text = world clips, VAE, "
-                             "tokenizers, T5 and LLM; mimir / t5-only = one arm's cache + DiT training; write = "
-                             "the model folder")
+                        help="run only this stage (repeatable; default: all, in order): vae = world clips and "
+                             "VAE; text = tokenizers, T5 and LLM; mimir / t5-only = one arm's cache + DiT "
+                             "training; write = the model folder")
     parser.add_argument("--jobs", type=int, choices=(1, 2), default=1,
                         help="2: train the two arms at once, one CPU thread each")
     parser.add_argument("--quick", action="store_true", help="a few steps of every stage (CI)")
-    parser.add_argument("--reuse", type=Path, help="take VAE, tokenizers, T5 and LLM from this model folder")
+    parser.add_argument("--reuse", type=Path, help="take the VAE (vae stage) and the tokenizers, T5 and LLM (text "
+                                                   "stage) from this model folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.out.resolve() == DEMO_MODEL_DIR.resolve() and (args.quick or not args.overwrite_bundled):

@@ -54,8 +54,9 @@ COUNT_SYNONYMS = {1: ("a lone", "a solitary", "just one"), 2: ("a pair of", "a c
 COUNT_NAMES = {1: "one", 2: "two", 3: "three"}
 MOTION_MEANINGS = {"up": "move up", "down": "move down", "left": "move to the left", "right": "move to the right",
                    "still": "stay still"}
-ENDS = {"up": "at the top", "down": "at the bottom", "left": "on the left", "right": "on the right",
-        "still": "where they started"}
+# Where the objects end up, for the spatial instruction.
+ENDS = {"up": "top of the frame", "down": "bottom of the frame", "left": "left of the frame",
+        "right": "right of the frame", "still": "where they started"}
 
 
 def corpus_vocabulary() -> list[str]:
@@ -89,12 +90,13 @@ def describe(colour: str, shape: str, motion: str, count: int, choice: tuple[int
 
 
 def instruction_answers(colour: str, shape: str, motion: str, count: int) -> tuple[str, ...]:
-    """Answers to DEFAULT_INSTRUCTIONS (motion, colour, spatial positions, number), then the restatement."""
-    noun = shape if count == 1 else PLURALS[shape]
-    verb_end = "ends" if count == 1 else "end"
-    spatial = f"the {noun} {'stay' if count > 1 else 'stays'} {ENDS[motion]}" if motion == "still" else \
-        f"the {noun} {verb_end} {ENDS[motion]}"
-    return (MOTION_MEANINGS[motion], colour, spatial, COUNT_NAMES[count], make_caption(shape, colour, motion, count))
+    """Answers to DEFAULT_INSTRUCTIONS (motion, colour, spatial positions, number), then the restatement.
+
+    Each answer starts with the word that tells it apart (up, red, top, two): an instruction token is the LLM's
+    state that predicts that first word. An answer opening with a shared word ("move up", "move down") left the
+    motion token nearly the same for every direction (8% apart, against 135% for colours), and the DiT reading it
+    lost direction (17% on held-out prompts, against 91% for the same DiT reading T5 alone)."""
+    return (motion, colour, ENDS[motion], COUNT_NAMES[count], make_caption(shape, colour, motion, count))
 
 
 def facts() -> list[str]:
