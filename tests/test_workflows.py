@@ -216,15 +216,17 @@ def test_demo_workflow_is_marked_until_the_demo_model_exists(pack):
 @pytest.mark.parametrize("name", ["mimir_demo_bundled", "mimir_demo_vs_t5"])
 def test_demo_workflows_sample_the_bundled_model_as_the_cli_does(name):
     """Size and frames of the model, and the demo's steps and guidance (mimir.demo), as `mimir generate` uses."""
+    from mimir.components import spatial_factor
     from mimir.demo import DEMO_GUIDANCE, DEMO_STEPS
     from mimir.loading import DEMO_MODEL_DIR
 
     workflow = json.loads((API_DIR / f"{name}.json").read_text())
     samplers = [n["inputs"] for n in workflow.values() if n["class_type"] == "MimirSampler"]
     config = json.loads((DEMO_MODEL_DIR / "transformer" / "config.json").read_text())
+    spatial = spatial_factor(json.loads((DEMO_MODEL_DIR / "vae" / "config.json").read_text()))
     for sampler in samplers:
         assert (sampler["width"], sampler["height"], sampler["frames"]) == (
-            config["sample_width"] * 8, config["sample_height"] * 8, config["sample_frames"])
+            config["sample_width"] * spatial, config["sample_height"] * spatial, config["sample_frames"])
         assert (sampler["steps"], sampler["cfg"]) == (DEMO_STEPS, DEMO_GUIDANCE)
 
 
