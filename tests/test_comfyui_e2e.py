@@ -280,8 +280,14 @@ def test_demo_vs_t5_workflow_runs_both_bundled_arms(comfyui):
         assert len(frames) == sampler["frames"] and frames[0].shape[:2] == (sampler["height"], sampler["width"])
     mimir, t5_only = videos.values()
     assert any((a != b).any() for a, b in zip(mimir, t5_only))  # two DiTs, two text streams
+    assert "prompt 'a crimson ball rises': the" not in comfyui.log.read_text()  # its tokenizers know corpus words
+    for node in workflow.values():  # a word outside every text the demo saw is named, not dropped silently
+        if node["class_type"] == "MimirTextEncode" and node["inputs"]["prompt"]:
+            node["inputs"]["prompt"] = "a crimson zebra rises"
+    assert comfyui.wait(comfyui.queue(workflow))["status"]["status_str"] == "success"
     log = comfyui.log.read_text()
-    assert "'crimson'" in log and "T5 tokenizer does not know" in log  # the prompt's unknown words are named
+    for name in ("T5", "LLM"):
+        assert f"prompt 'a crimson zebra rises': the {name} tokenizer does not know 'zebra' (" in log
 
 
 def test_text_encode_without_its_sources_is_refused_at_queue_time(comfyui):
