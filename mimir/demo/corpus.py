@@ -119,8 +119,8 @@ def facts() -> list[str]:
 def understanding_prompts(counts=(1, 2, 3)) -> list[dict]:
     """Prompts in corpus words only, for the held-out triples and as many seen ones, one per count, with the
     attributes a clip should show (the keys of `analysis.analyse`) and "split": "heldout" or "seen".
-    The synonyms rotate with the prompt's index, so every corpus word is used; the corpus never holds these
-    exact prompts (`documents` leaves them out)."""
+    The synonyms rotate with the prompt's index, mixing synonyms and everyday-thing colours (not every corpus
+    word appears); the corpus never holds these exact prompts (`documents` leaves them out)."""
     rng = np.random.default_rng(11)
     seen = [TRAIN_TRIPLES[i] for i in sorted(rng.choice(len(TRAIN_TRIPLES), len(HELDOUT_TRIPLES), replace=False))]
     prompts = []
