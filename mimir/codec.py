@@ -23,6 +23,12 @@ def diffusion_latent(samples: torch.Tensor, scaling_factor: float) -> torch.Tens
     return rearrange(samples.float(), "b c t h w -> b t c h w") * scaling_factor
 
 
+def spatial_factor(vae_config) -> int:
+    """A CogVideoX VAE (its config, or a dict of it) halves the frame size in every down block but the last."""
+    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
+    return 2 ** (len(channels) - 1)
+
+
 class VideoCodec:
     """A CogVideoX VAE on a placement: encode frames, decode latents, in either layout."""
 
@@ -31,7 +37,7 @@ class VideoCodec:
 
     @property
     def spatial(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return spatial_factor(self.vae.config)
 
     @property
     def temporal(self) -> int:

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config, T5EncoderModel
 
 from . import single_file
+from .codec import spatial_factor
 from .configs import component_folder, full_config, is_class, read_json, warn_unknown_fields
 from .fuser import TokenFuser, load_fuser, read_fuser_config
 from .variants import SCHEDULER_SETTINGS, SCHEDULERS, SNR_SHIFT_SCALE, VAE_SCALING_FACTORS, match_variant
@@ -87,7 +88,7 @@ def find_transformer(path: Path, pipeline_root: Path | None = None):
     folder, config = transformer_folder(path)
     warn_unknown_fields(config, CogVideoXTransformer3DModel, folder / "config.json")
     config = full_config(CogVideoXTransformer3DModel, config)
-    root = pipeline_root or (folder.parent if folder.name == "transformer" else None)
+    root = transformer_pipeline(folder, pipeline_root)
     vae_config = root / "vae" / "config.json" if root is not None else None
     if vae_config is not None and vae_config.is_file():
         vae = full_config(AutoencoderKLCogVideoX, read_json(vae_config))
@@ -97,9 +98,10 @@ def find_transformer(path: Path, pipeline_root: Path | None = None):
     return "diffusers-folder", folder, config, read_folder(folder), vae
 
 
-def spatial_factor(vae_config: dict) -> int:
-    """A CogVideoX VAE halves the frame size in every down block but the last."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+def transformer_pipeline(folder: Path, pipeline_root: Path | None = None) -> Path | None:
+    """The pipeline folder whose VAE and scheduler a transformer folder goes with: `pipeline_root` when given
+    (an arm sharing another pipeline's parts), else the folder's parent when it is a pipeline's transformer/."""
+    return pipeline_root or (folder.parent if folder.name == "transformer" else None)
 
 
 def transformer_folder(path: Path) -> tuple[Path, dict]:

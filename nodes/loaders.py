@@ -25,6 +25,7 @@ from ..mimir.components import (
     load_token_fuser,
     load_transformer,
     load_vae,
+    transformer_pipeline,
 )
 from ..mimir.loading import DEMO_MODEL_DIR, DEMO_T5_ONLY_DIR
 from ..mimir.memory import MemoryOptions, apply_memory_options
@@ -290,8 +291,7 @@ def _model_path(model_name: str) -> tuple[Path, Path | None]:
 def _scheduler_for(info: ComponentInfo, pipeline_root: Path | None = None):
     """The checkpoint's own scheduler folder (or that of the pipeline it shares) when it has one, else the
     published settings of its variant."""
-    folder = Path(info.path)
-    root = pipeline_root or (folder.parent if folder.name == "transformer" else None)
+    root = transformer_pipeline(Path(info.path), pipeline_root)
     if root is not None and (root / "scheduler").is_dir():
         return load_scheduler(root)
     if info.variant not in SNR_SHIFT_SCALE:

@@ -13,7 +13,7 @@ import torch
 
 from ..mimir.encoder import PromptEncoder, t5_only_text_len
 from ..mimir.prompt_cache import PromptCache, encoding_key_parts
-from ..mimir.text import TextFeatures, encode_t5
+from ..mimir.text import TextFeatures
 from ..mimir.variants import T5_TEXT_LEN
 from . import comfy_services as services
 
@@ -179,9 +179,9 @@ class MimirT5TextEncode:
                    "compare Mimir against, with the same sampler.")
 
     def encode(self, t5, prompt, text_len):
-        with services.placement().stage(t5.model) as device:
-            stream = encode_t5(t5.tokenizer, t5.model, [prompt], max_length=text_len, device=device)
-        return (conditioning(stream, "t5"),)
+        text = _text_side(t5)
+        text.t5_len = text_len
+        return (conditioning(text.encode_features([prompt]).t5, "t5"),)
 
 
 class MimirSaveEncodedPrompt:

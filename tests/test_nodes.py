@@ -355,6 +355,10 @@ def test_text_encode_names_unknown_words_in_the_log(nodes, caplog):
         encode(nodes, m, prompt="a red zebra moves up", prompt_cache=False)
     warned = [r.getMessage() for r in caplog.records if "zebra" in r.getMessage()]
     assert len(warned) == 2 and "T5 tokenizer" in warned[0] and "LLM tokenizer" in warned[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # Mimir T5 Text Encode goes through the same text side
+        run(nodes, "MimirT5TextEncode", t5=m["t5"], prompt="a red zebra moves up", text_len=16)
+    assert [r.getMessage() for r in caplog.records if "zebra" in r.getMessage() and "T5 tokenizer" in r.getMessage()]
 
 
 def test_encoded_prompt_round_trip(nodes, services, tiny):

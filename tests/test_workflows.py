@@ -216,7 +216,7 @@ def test_demo_workflow_is_marked_until_the_demo_model_exists(pack):
 @pytest.mark.parametrize("name", ["mimir_demo_bundled", "mimir_demo_vs_t5"])
 def test_demo_workflows_sample_the_bundled_model_as_the_cli_does(name):
     """Size and frames of the model, and the demo's steps and guidance (mimir.demo), as `mimir generate` uses."""
-    from mimir.components import spatial_factor
+    from mimir.codec import spatial_factor
     from mimir.demo import DEMO_GUIDANCE, DEMO_STEPS
     from mimir.loading import DEMO_MODEL_DIR
 

@@ -36,6 +36,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from transformers import Phi3Config, Phi3ForCausalLM, T5Config, T5EncoderModel, T5ForConditionalGeneration
 
+from ..codec import spatial_factor
 from ..components import load_scheduler, load_transformer, load_vae
 from ..fuser import DEFAULT_INSTRUCTIONS, FuserConfig, TokenFuser
 from ..loading import DEMO_MODEL_DIR, DEMO_T5_ONLY_DIR, load_pipeline, save_pipeline
@@ -110,7 +111,7 @@ class Recipe:
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.vae_channels) - 1)
+        return spatial_factor({"block_out_channels": self.vae_channels})
 
 
 # ---- 1. world ---------------------------------------------------------------------------------------------
